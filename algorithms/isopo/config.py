@@ -1,0 +1,88 @@
+"""Every ISOPO knob in one dataclass, with the named settings of the specification."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+REG_FORMS = ("additive", "keep_small_invariant")
+VARIANTS = ("non_interacting", "interacting")
+STRATEGIES = ("auto", "instantiate", "gram")
+
+# Exponents (p, q, r) of the named non-interacting settings.
+NAMED_SETTINGS: dict[str, tuple[float, float, float]] = {
+    # The setting the paper reports as matching or beating GRPO.
+    "paper": (0.0, -1.0, -2.0),
+    # w = A / O: the released non-interacting run.
+    "overlap": (0.0, -1.0, 0.0),
+    # w = A N² / O²: the exact Fisher line-search step along G_i.
+    "rel_overlap": (0.0, 0.0, -2.0),
+    # w = A: plain REINFORCE through the ISOPO machinery (a consistency check).
+    "reinforce": (0.0, 0.0, 0.0),
+}
+
+
+@dataclass
+class IsopoConfig:
+    """ISOPO gradient transform of every nn.Linear weight (see the project's ISOPO specification)."""
+
+    variant: str = "non_interacting"
+    """`non_interacting` (per-sequence reweighting w_i) or `interacting` (damped per-layer NTK solve)."""
+    setting: str | None = "paper"
+    """Named exponents (`paper`, `overlap`, `rel_overlap`, `reinforce`); None means use p, q, r as given."""
+    p: float = 0.0
+    """Exponent of the regularised per-sequence gradient norm Ñ_i (ignored when `setting` is named)."""
+    q: float = -1.0
+    """Exponent of the regularised Fisher-norm estimate Õ_i (ignored when `setting` is named)."""
+    r: float = -2.0
+    """Exponent of the regularised ratio R̃_i = O_i/N_i (ignored when `setting` is named)."""
+    c_n: float = 0.0
+    """Regularisation coefficient of N: reg = c_n · EMA(mean_i N_i²). 0 means Ñ = |N|."""
+    c_o: float = 0.0
+    """Regularisation coefficient of O (as c_n)."""
+    c_r: float = 0.0
+    """Regularisation coefficient of R (as c_n)."""
+    reg_form: str = "additive"
+    """`additive`: x̃ = sqrt(x² + reg); `keep_small_invariant`: x̃ = sqrt(x²/reg + 1)."""
+    num_samples: int = 250
+    """K, the token positions sampled (without replacement) per layer and micro-batch for O_i."""
+    ema_decay: float = 0.9
+    """EMA decay of the per-layer statistics, updated once per optimizer step: ema ← d·ema + (1−d)·value."""
+    c_lambda: float = 1.0
+    """Interacting damping: λ = c_lambda · EMA(tr K / B)."""
+    seed: int = 0
+    """Seed of the position sampler; the draw also depends on step, micro-batch and layer, so runs repeat."""
+    strategy: str = "auto"
+    """Per-layer statistics: `instantiate` per-sequence gradients, `gram` matrices, or `auto` by FLOP count."""
+    chunk_bytes: int = 256 * 2**20
+    """Largest per-sequence-gradient block (B·out_chunk·in elements × itemsize) held at once; the output
+    dimension is chunked above it (the LM head)."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"isopo variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+        if self.setting is not None:
+            if self.setting not in NAMED_SETTINGS:
+                raise ValueError(
+                    f"unknown isopo setting {self.setting!r}; valid settings: {', '.join(NAMED_SETTINGS)}"
+                )
+            self.p, self.q, self.r = NAMED_SETTINGS[self.setting]
+        if self.reg_form not in REG_FORMS:
+            raise ValueError(f"isopo reg_form must be one of {', '.join(REG_FORMS)}; got {self.reg_form!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"isopo strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        for name in ("c_n", "c_o", "c_r"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"isopo {name} must be >= 0; got {getattr(self, name)}")
+        if not self.c_lambda > 0:
+            # λ = 0 would make Ã = λ (K + λI)⁻¹ A vanish: the minimum-norm step is only its λ → 0 direction.
+            raise ValueError(f"isopo c_lambda must be > 0; got {self.c_lambda}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"isopo num_samples (K) must be a positive integer; got {self.num_samples!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"isopo ema_decay must lie in [0, 1); got {self.ema_decay}")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"isopo chunk_bytes must be positive; got {self.chunk_bytes}")
+
+    def replace(self, **changes) -> IsopoConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,136 @@
+"""Installs ISOPO into a model and drives it micro-batch by micro-batch.
+
+    isopo = Isopo(model, IsopoConfig(setting="paper"))
+    with isopo.installed():
+        for mb in micro_batches:
+            with isopo.micro_batch(seq_ids, advantages):
+                advantage_free_loss(model, mb).backward()
+        isopo.end_step()      # once per optimizer step: folds this step's statistics into the EMAs
+        optimizer.step()
+
+The loss to backpropagate is the ADVANTAGE-FREE one, −agg_t log π(y_t), with the aggregation and scale the
+REINFORCE loss would use; every nn.Linear weight then receives Σ_i w_i G_i and every other parameter the
+REINFORCE gradient Σ_i A_i g_i.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import MicroBatch
+from .config import IsopoConfig
+from .linear import IsopoLinearFunction
+from .params import ReinforceParamsForward
+from .weights import LayerEma
+
+
+@dataclass
+class LinearLayer:
+    """ISOPO's per-layer state."""
+
+    index: int
+    name: str
+    module: nn.Linear
+    cfg: IsopoConfig
+    ema: LayerEma
+    last_weights: torch.Tensor | None = field(default=None, repr=False)
+    """The per-sequence weights of the latest backward (diagnostics)."""
+
+
+class Isopo:
+    def __init__(self, model: nn.Module, cfg: IsopoConfig):
+        self.model = model
+        self.cfg = cfg
+        self.layers = [
+            LinearLayer(i, name, module, cfg, LayerEma(cfg.ema_decay))
+            for i, (name, module) in enumerate(
+                (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            )
+        ]
+        if not self.layers:
+            raise ValueError("ISOPO found no nn.Linear layer in the model")
+        self.step = 0
+        self._micro_index = 0
+        self._active: MicroBatch | None = None
+        # (module, the instance-level forward it had before, if any) so that removal restores it exactly.
+        self._patched: list[tuple[nn.Module, object]] = []
+
+    # -- installation -------------------------------------------------------------------------------
+    def install(self) -> None:
+        if self._patched:
+            return
+        for layer in self.layers:
+            self._patched.append((layer.module, vars(layer.module).get("forward")))
+            layer.module.forward = types.MethodType(_make_linear_forward(self, layer), layer.module)
+        linear_ids = {id(layer.module) for layer in self.layers}
+        for module in self.model.modules():
+            if id(module) in linear_ids:
+                continue
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                self._patched.append((module, vars(module).get("forward")))
+                module.forward = ReinforceParamsForward(module, module.forward, self.active)
+
+    def remove(self) -> None:
+        for module, previous in reversed(self._patched):
+            if previous is None:
+                del module.forward  # the class's forward shows through again
+            else:
+                module.forward = previous
+        self._patched.clear()
+
+    @contextmanager
+    def installed(self):
+        self.install()
+        try:
+            yield self
+        finally:
+            self.remove()
+
+    # -- per micro-batch and per step ---------------------------------------------------------------
+    def active(self) -> MicroBatch | None:
+        return self._active
+
+    @contextmanager
+    def micro_batch(self, seq_ids: torch.Tensor, advantages: torch.Tensor):
+        """seq_ids: the sequence of every input position (shape of input_ids), −1 for padding; advantages:
+        one per sequence. Keep the backward of this micro-batch's loss inside the block."""
+        dtype = next(self.model.parameters()).dtype
+        mb = MicroBatch.build(
+            seq_ids,
+            advantages,
+            n_layers=len(self.layers),
+            k=self.cfg.num_samples,
+            seed=self.cfg.seed,
+            step=self.step,
+            index=self._micro_index,
+            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        )
+        self._active = mb
+        try:
+            yield mb
+        finally:
+            self._active = None
+            self._micro_index += 1
+
+    def end_step(self) -> None:
+        """Call once per optimizer step, after its micro-batches' backward passes."""
+        for layer in self.layers:
+            layer.ema.update()
+        self.step += 1
+        self._micro_index = 0
+
+
+def _make_linear_forward(engine: Isopo, layer: LinearLayer):
+    def forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        mb = engine.active()
+        if mb is None or not torch.is_grad_enabled():
+            return F.linear(x, module.weight, module.bias)
+        return IsopoLinearFunction.apply(x, module.weight, module.bias, layer, mb)
+
+    return forward

@@ -1,0 +1,101 @@
+"""Per-sequence statistics of one linear layer from its inputs a and output gradients δ.
+
+Two ways to the same numbers, picked per layer by FLOP count:
+- instantiate: the per-sequence gradients G_i = Σ_t δ_t a_tᵀ as one batched matmul (the cost of the
+  ordinary weight-gradient matmul); N_i, the overlap numerators and the NTK read off G.
+- gram: never forms G; uses inner products of a and δ within sequences (cost ∝ T² per sequence), which
+  wins for short sequences or narrow layers.
+Both work on a padded (B, T, ·) layout whose padding rows of `a` or `δ` are zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """What the weighting rules need from one layer and micro-batch."""
+
+    n_sq: torch.Tensor
+    """(B,) N_i² = ‖G_i‖_F²."""
+    overlap_num: torch.Tensor | None
+    """(B, K) δ_kᵀ G_i a_k for the sampled positions k (non-interacting only)."""
+    ntk: torch.Tensor | None
+    """(B, B) K_ij = ⟨G_i, G_j⟩_F (interacting only)."""
+    per_seq_grad: torch.Tensor | None
+    """(B, out, in) G itself when it was formed in one piece, so the update can reuse it."""
+
+
+def choose_strategy(strategy: str, b: int, t: int, d_in: int, d_out: int, k: int, interacting: bool) -> str:
+    if strategy != "auto":
+        return strategy
+    n = b * t
+    weight_grad = 2.0 * n * d_in * d_out
+    if interacting:
+        inst = weight_grad + 2.0 * b * b * d_in * d_out
+        gram = weight_grad + 2.0 * n * n * (d_in + d_out)
+    else:
+        inst = weight_grad + 2.0 * b * k * d_in * d_out + 2.0 * b * d_in * d_out
+        gram = weight_grad + 2.0 * b * t * t * (d_in + d_out) + 2.0 * n * k * (d_in + d_out)
+    return "instantiate" if inst <= gram else "gram"
+
+
+def layer_stats(
+    a: torch.Tensor,
+    d: torch.Tensor,
+    a_k: torch.Tensor | None,
+    d_k: torch.Tensor | None,
+    *,
+    interacting: bool,
+    strategy: str,
+    chunk_elems: int,
+    stat_dtype: torch.dtype,
+) -> LayerStats:
+    """a: (B, T, in), d: (B, T, out); a_k: (K, in), d_k: (K, out) the sampled tokens (non-interacting)."""
+    if strategy == "instantiate":
+        return _instantiated(a, d, a_k, d_k, interacting, chunk_elems, stat_dtype)
+    return _gram(a, d, a_k, d_k, interacting, stat_dtype)
+
+
+def _instantiated(a, d, a_k, d_k, interacting, chunk_elems, stat_dtype) -> LayerStats:
+    b, _, d_in = a.shape
+    d_out = d.shape[-1]
+    chunk = max(1, min(d_out, chunk_elems // max(1, b * d_in)))
+    n_sq = torch.zeros(b, dtype=stat_dtype, device=a.device)
+    overlap_num = None if interacting else torch.zeros(b, a_k.shape[0], dtype=stat_dtype, device=a.device)
+    ntk = torch.zeros(b, b, dtype=stat_dtype, device=a.device) if interacting else None
+    a_t = None if interacting else a_k.t()
+    g = None
+    for lo in range(0, d_out, chunk):
+        hi = min(d_out, lo + chunk)
+        g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): the per-sequence gradients
+        g_stat = g.to(stat_dtype)
+        flat = g_stat.reshape(b, -1)
+        n_sq += (flat * flat).sum(1)
+        if interacting:
+            ntk += flat @ flat.t()
+        else:
+            # δ_kᵀ G_i a_k summed over this chunk of output rows.
+            ga = torch.matmul(g, a_t).to(stat_dtype)  # (B, chunk, K)
+            overlap_num += (ga * d_k[:, lo:hi].t().to(stat_dtype)).sum(1)
+    whole = chunk >= d_out
+    return LayerStats(n_sq=n_sq, overlap_num=overlap_num, ntk=ntk, per_seq_grad=g if whole else None)
+
+
+def _gram(a, d, a_k, d_k, interacting, stat_dtype) -> LayerStats:
+    a = a.to(stat_dtype)
+    d = d.to(stat_dtype)
+    b, t, _ = a.shape
+    if interacting:
+        a_flat = a.reshape(b * t, -1)
+        d_flat = d.reshape(b * t, -1)
+        pair = (a_flat @ a_flat.t()) * (d_flat @ d_flat.t())  # (BT, BT) token-pair products
+        ntk = pair.reshape(b, t, b, t).sum(dim=(1, 3))
+        return LayerStats(n_sq=ntk.diagonal().clone(), overlap_num=None, ntk=ntk, per_seq_grad=None)
+    n_sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
+    # δ_kᵀ G_i a_k = Σ_{t∈i} (δ_k·δ_t)(a_t·a_k)
+    overlap_num = ((a @ a_k.to(stat_dtype).t()) * (d @ d_k.to(stat_dtype).t())).sum(1)
+    return LayerStats(n_sq=n_sq, overlap_num=overlap_num, ntk=None, per_seq_grad=None)

@@ -1,0 +1,44 @@
+"""Overhead tables from ``python -m bench overhead --json`` files (already parsed by load_overhead)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+BASE_MODE = "reinforce"
+COLUMNS = ["group", "device", "date", "source", "mode", "median_s", "min_s", "max_s", "time_ratio",
+           "peak_mib", "mem_ratio"]
+
+
+def overhead_table(docs: list[dict]) -> pd.DataFrame:
+    """One row per (file, mode): timings, peak memory and their ratios to ``reinforce`` in the same file.
+
+    A ratio missing from the JSON is recomputed from the file's reinforce entry (NaN without one).
+    ``group`` labels one device/config (one file) for grouping bars.
+    """
+    rows = []
+    for doc in docs:
+        results = doc["results"]
+        base = results.get(BASE_MODE, {})
+        source = str(doc.get("source", ""))
+        group = f"{doc['device']} ({Path(source).stem})" if source else str(doc["device"])
+        for mode, res in results.items():
+            rows.append({
+                "group": group, "device": str(doc["device"]), "date": str(doc["date"]), "source": source,
+                "mode": mode, "median_s": float(res["median_s"]), "min_s": float(res["min_s"]),
+                "max_s": float(res["max_s"]),
+                "time_ratio": _ratio(res, base, "ratio_vs_reinforce", "median_s"),
+                "peak_mib": float(res["peak_mib"]),
+                "mem_ratio": _ratio(res, base, "peak_ratio_vs_reinforce", "peak_mib"),
+            })
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _ratio(res: dict, base: dict, key: str, raw: str) -> float:
+    if res.get(key) is not None:
+        return float(res[key])
+    if base.get(raw):
+        return float(res[raw]) / float(base[raw])
+    return np.nan

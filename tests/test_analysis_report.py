@@ -1,0 +1,236 @@
+"""Loading, validation errors, the report end to end, and the command line."""
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import ResultsError
+from analysis.__main__ import main
+from analysis.load import METRIC_COLUMNS, config_facts, load_overhead, load_sweep
+from analysis.overhead import overhead_table
+from analysis.report import write_report
+from analysis.stats import run_accuracy
+from analysis.synthetic import runs_from_metrics, synthetic_metrics, write_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+ALGORITHMS = {"reinforce": 0.1, "grpo": 0.15, "isopo_ni": 0.3, "my_variant": 0.05}
+CONFIG = {"task": {"name": "arith-3digit"}, "model": {"name": "tiny-lm"}, "train": {"steps": 10},
+          "seeds": [0, 1, 2, 3, 4]}
+TABLES = ("runs", "accuracy", "accuracy_runs", "comparisons", "stability", "stability_runs", "val_acc_spread", "overhead")
+FIGURES = ("val_acc", "reward", "kl", "entropy", "response_len", "overhead")
+
+
+def overhead_doc(device: str, isopo_ratio: float) -> dict:
+    def entry(ratio: float) -> dict:
+        return {"median_s": ratio, "min_s": 0.9 * ratio, "max_s": 1.1 * ratio, "ratio_vs_reinforce": ratio,
+                "peak_mib": 1000 * ratio, "peak_ratio_vs_reinforce": ratio}
+
+    return {"device": device, "date": "2025-06-01", "command": "python -m bench overhead", "config": {},
+            "results": {"reinforce": entry(1.0), "isopo_ni": entry(isopo_ratio),
+                        "isopo_ni_hooks": entry(isopo_ratio + 0.3)}}
+
+
+def small_sweep(path: Path, **kwargs) -> Path:
+    m = synthetic_metrics(ALGORITHMS, seeds=range(5), steps=10, eval_every=2)
+    runs = runs_from_metrics(m, {("grpo", 4): "diverged", ("my_variant", 2): "failed"})
+    return write_sweep(path, m, **{"runs": runs, "config": CONFIG, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    sweep = small_sweep(root / "sweep1")
+    overhead = root / "bench_overhead"
+    overhead.mkdir()
+    for i, (device, ratio) in enumerate((("cpu", 1.4), ("gpu", 1.1))):
+        (overhead / f"run{i}.json").write_text(json.dumps(overhead_doc(device, ratio)))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["report", str(sweep), "--overhead-dir", str(overhead), "--n-boot", "300"])
+    return sweep, rc, out.getvalue()
+
+
+def test_cli_writes_report_and_prints_its_path(reported):
+    sweep, rc, stdout = reported
+    assert rc == 0
+    assert stdout.strip().splitlines()[-1] == str(sweep / "report.md")
+
+
+def test_report_files_exist_and_are_well_formed(reported):
+    sweep, _, _ = reported
+    for name in TABLES:
+        assert (sweep / "tables" / f"{name}.csv").stat().st_size > 0
+        assert "\\begin{tabular}" in (sweep / "tables" / f"{name}.tex").read_text()
+    for name in FIGURES:
+        assert (sweep / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (sweep / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    # Atomic writes leave no temporary files behind.
+    assert not list(sweep.rglob("*.tmp"))
+
+
+def test_report_content(reported):
+    sweep, _, _ = reported
+    text = (sweep / "report.md").read_text()
+    for alg in ALGORITHMS:
+        assert alg in text
+    assert "reinforce (n=5)" in text and "arith-3digit" in text and "tiny-lm" in text
+    assert "## Overhead" in text and "How to read this" in text
+    assert "1 failed run(s)" in text
+    links = re.findall(r"\]\(((?:figures|tables)/[^)]+)\)", text)
+    assert {f"figures/{n}.png" for n in FIGURES} <= set(links)
+    for link in links:
+        assert (sweep / link).exists(), link
+    # Every table with seeds behind its numbers states how many.
+    n_columns = {"runs": {"n_runs"}, "accuracy": {"n"}, "stability": {"n"}, "val_acc_spread": {"n"},
+                 "comparisons": {"n_algorithm", "n_baseline", "n_pairs"}}
+    for name, columns in n_columns.items():
+        assert columns <= set(pd.read_csv(sweep / "tables" / f"{name}.csv").columns), name
+
+
+def test_accuracy_table_matches_per_run_numbers(reported):
+    sweep, _, _ = reported
+    metrics, runs, _ = load_sweep(sweep)
+    per_run = run_accuracy(metrics, runs)
+    table = pd.read_csv(sweep / "tables" / "accuracy.csv")
+    for alg in ALGORITHMS:
+        finals = per_run[(per_run.algorithm == alg) & (per_run.status != "failed")]["final"].to_numpy()
+        row = table[(table.algorithm == alg) & (table.metric == "final")].iloc[0]
+        assert row["n"] == len(finals) == (4 if alg == "my_variant" else 5)
+        assert row["median"] == pytest.approx(100 * np.median(finals))
+        assert row["q25"] == pytest.approx(100 * np.percentile(finals, 25))
+    stab = pd.read_csv(sweep / "tables" / "stability.csv").set_index("algorithm")
+    assert stab.loc["grpo", "frac_diverged"] == pytest.approx(0.2)
+    runs_table = pd.read_csv(sweep / "tables" / "runs.csv").set_index("algorithm")
+    # Synthetic steps take 1.0 + 0.5 + 0.1 s; step 0 has no update and must not pull the mean down.
+    assert runs_table["median_step_s"].tolist() == pytest.approx([1.6] * len(ALGORITHMS))
+    assert runs_table.loc["my_variant", "failed"] == 1 and runs_table.loc["grpo", "diverged"] == 1
+
+
+def test_package_exposes_write_report():
+    import analysis
+
+    assert analysis.write_report is write_report
+
+
+def test_report_without_runs_config_or_overhead(tmp_path):
+    # Neither baseline is present, so the comparison table is empty and the report says so.
+    m = synthetic_metrics({"dr_grpo": 0.1, "cispo": 0.2}, seeds=range(3), steps=6, eval_every=3)
+    sweep = write_sweep(tmp_path / "bare", m)
+    text = write_report(sweep, n_boot=100).read_text()
+    assert "## Overhead" not in text and "No comparison" in text
+    assert "runs.csv is absent" in text and "not recorded" in text
+    assert "cispo (n=3)" in text
+
+
+def test_load_sweep_reads_csv_when_parquet_absent_and_ignores_extra_columns(tmp_path):
+    m = synthetic_metrics({"reinforce": 0.1}, seeds=[0, 1], steps=4).assign(extra_metric=1.0)
+    sweep = write_sweep(tmp_path / "s", m, runs_from_metrics(m))
+    (sweep / "metrics.parquet").unlink()
+    metrics, runs, config = load_sweep(sweep)
+    assert list(metrics.columns) == list(METRIC_COLUMNS)
+    assert len(metrics) == len(m) and len(runs) == 2 and config == {}
+
+
+def test_config_facts_finds_nested_keys():
+    facts = config_facts({"task": "gsm8k", "model": {"path": "/m/smol"}, "trainer": {"total_steps": 50},
+                          "seeds": [1, 2]})
+    assert facts == {"task": "gsm8k", "model": "/m/smol", "steps": "50", "seeds": "1, 2"}
+
+
+def test_overhead_table_derives_missing_ratios():
+    doc = overhead_doc("cpu", 1.5)
+    del doc["results"]["isopo_ni"]["ratio_vs_reinforce"]
+    table = overhead_table([{**doc, "source": "x.json"}]).set_index("mode")
+    assert table.loc["isopo_ni", "time_ratio"] == pytest.approx(1.5)
+    assert table.loc["isopo_ni_hooks", "mem_ratio"] == pytest.approx(1.8)
+    assert set(table["device"]) == {"cpu"} and set(table["date"]) == {"2025-06-01"}
+
+
+def break_parquet(d: Path) -> None:
+    (d / "metrics.parquet").write_bytes(b"this is not parquet")
+
+
+def drop_column(d: Path) -> None:
+    pd.read_parquet(d / "metrics.parquet").drop(columns=["kl"]).to_parquet(d / "metrics.parquet")
+
+
+def empty_table(d: Path) -> None:
+    pd.read_parquet(d / "metrics.parquet").iloc[0:0].to_parquet(d / "metrics.parquet")
+
+
+def bad_status(d: Path) -> None:
+    runs = pd.read_csv(d / "runs.csv")
+    runs.loc[0, "status"] = "exploded"
+    runs.to_csv(d / "runs.csv", index=False)
+
+
+def acc_out_of_range(d: Path) -> None:
+    m = pd.read_parquet(d / "metrics.parquet")
+    m.loc[0, "val_acc"] = 55.0  # a percentage where a fraction belongs
+    m.to_parquet(d / "metrics.parquet")
+
+
+def remove_metrics(d: Path) -> None:
+    (d / "metrics.parquet").unlink()
+    (d / "metrics.csv").unlink()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (break_parquet, "cannot read"),
+    (drop_column, "lacks required columns ['kl']"),
+    (empty_table, "metrics table is empty"),
+    (bad_status, "unknown status ['exploded']"),
+    (acc_out_of_range, "val_acc outside [0, 1]"),
+    (remove_metrics, "no metrics.parquet or metrics.csv"),
+])
+def test_bad_sweeps_raise_results_error(tmp_path, damage, message):
+    sweep = small_sweep(tmp_path / "s")
+    damage(sweep)
+    with pytest.raises(ResultsError) as err:
+        load_sweep(sweep)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_empty_directories(tmp_path):
+    with pytest.raises(ResultsError, match="sweep directory not found"):
+        load_sweep(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResultsError, match="sweep directory is empty"):
+        load_sweep(tmp_path / "empty")
+
+
+def test_bad_overhead_json(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"device": "cpu", "date": "d", "results": {"x": {}}}))
+    with pytest.raises(ResultsError, match="lacks keys"):
+        load_overhead(tmp_path)
+    with pytest.raises(ResultsError, match="overhead directory not found"):
+        load_overhead(tmp_path / "missing")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analysis", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_error_is_one_line_and_non_zero(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("report", str(tmp_path / "empty"))
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sweep directory is empty")
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help():
+    proc = run_cli("report", "--help")
+    assert proc.returncode == 0 and "--overhead-dir" in proc.stdout

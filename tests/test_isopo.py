@@ -1,0 +1,221 @@
+"""Efficient single-backward ISOPO against the naive per-sequence reference, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from isopo_fixtures import make_batch, masked_sum, tiny_qwen3, token_log_probs
+
+from algorithms.isopo import Isopo, IsopoConfig, draw_overlap_samples
+from algorithms.isopo.reference import ReferenceIsopo, RefSequence
+
+# Three optimizer steps of two micro-batches each: padded rows of unequal length.
+STEPS = [
+    [((3, 5, 2, 4), (4, 2, 6, 3)), ((2, 4, 3), (5, 3, 2))],
+    [((4, 2, 3), (3, 6, 2)), ((3, 3, 5, 2), (2, 4, 1, 5))],
+    [((2, 5, 4, 3), (6, 2, 3, 4)), ((5, 2), (2, 5))],
+]
+
+
+def step_batches(step: int):
+    return [make_batch(100 * step + j, p, r) for j, (p, r) in enumerate(STEPS[step])]
+
+
+def response_tokens(batches) -> float:
+    return float(sum(b["response_mask"].sum() for b in batches))
+
+
+def efficient_step(model, engine: Isopo, batches, n_tok, loss_scale=1.0, permute=False):
+    model.zero_grad(set_to_none=True)
+    with engine.installed():
+        for b in batches:
+            seq_ids, adv = b["seq_ids"], b["advantages"]
+            if permute:  # number the sequences against the row order: exercises the gathered layout
+                n = adv.numel()
+                seq_ids = torch.where(seq_ids >= 0, n - 1 - seq_ids, -1)
+                adv = adv.flip(0)
+            with engine.micro_batch(seq_ids, adv):
+                logp = token_log_probs(model, b["input_ids"], b["attention_mask"])
+                (-loss_scale * masked_sum(logp, b["response_mask"]) / n_tok).backward()
+    engine.end_step()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def reference_step(model, ref: ReferenceIsopo, batches, n_tok, step: int, n_layers: int, k: int, seed: int):
+    total: dict[str, torch.Tensor] = {}
+    for j, b in enumerate(batches):
+        seqs = []
+        for i, length in enumerate(b["lens"]):
+            ids = b["input_ids"][i, :length]
+            mask = b["response_mask"][i, :length]
+
+            def loss_fn(logits, ids=ids, mask=mask):
+                logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[1:].unsqueeze(-1)).squeeze(-1)
+                return -(logp * mask[:-1]).sum() / n_tok
+
+            seqs.append(RefSequence(ids, loss_fn, float(b["advantages"][i])))
+        samples = draw_overlap_samples(sum(b["lens"]), k, n_layers, seed, step, j)
+        for name, g in ref.micro_batch_grads(seqs, samples).items():
+            total[name] = total.get(name, 0) + g
+    ref.end_step()
+    return total
+
+
+def assert_rel_close(eff, ref, tol=1e-8, names=None):
+    for name in names or ref:
+        r, e = ref[name], eff[name]
+        err = float((e - r).norm() / r.norm().clamp_min(1e-300))
+        assert err <= tol, f"{name}: relative error {err:.2e}"
+
+
+def run_against_reference(cfg: IsopoConfig, strategy_cfgs=None, steps=3):
+    """Three consecutive optimizer steps (so the EMAs matter), updating the weights between them."""
+    model = tiny_qwen3()
+    ref = ReferenceIsopo(model, cfg)
+    engines = [Isopo(model, c) for c in (strategy_cfgs or [cfg])]
+    for step in range(steps):
+        batches = step_batches(step)
+        n_tok = response_tokens(batches)
+        expected = reference_step(model, ref, batches, n_tok, step, len(engines[0].layers), cfg.num_samples, cfg.seed)
+        grads = None
+        for engine in engines:
+            grads = efficient_step(model, engine, batches, n_tok)
+            assert_rel_close(grads, expected)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.sub_(0.5 * grads[n] / grads[n].norm())
+
+
+@pytest.mark.parametrize("setting", ["paper", "overlap", "rel_overlap"])
+@pytest.mark.parametrize("reg_form", ["additive", "keep_small_invariant"])
+def test_non_interacting_matches_reference(setting, reg_form):
+    # K = 9 < tokens per micro-batch, so the overlap sample is a real subsample.
+    cfg = IsopoConfig(setting=setting, reg_form=reg_form, c_n=0.5, c_o=0.3, c_r=0.2, num_samples=9, seed=3)
+    run_against_reference(cfg, [cfg.replace(strategy=s) for s in ("instantiate", "gram")])
+
+
+def test_unregularised_named_settings_and_free_exponents_match_reference():
+    for cfg in (
+        IsopoConfig(setting="paper", num_samples=250),
+        IsopoConfig(setting=None, p=0.5, q=-1.0, r=-1.5, c_n=0.1, c_o=0.0, c_r=1.0, num_samples=5),
+    ):
+        run_against_reference(cfg, steps=2)
+
+
+def test_chunked_output_dimension_matches_reference():
+    # A budget of a few hundred elements forces every layer, the LM head included, into many chunks.
+    cfg = IsopoConfig(setting="paper", c_o=0.3, num_samples=9, strategy="instantiate", chunk_bytes=4096)
+    run_against_reference(cfg, steps=2)
+
+
+@pytest.mark.parametrize("c_lambda", [1.0, 0.05])
+def test_interacting_matches_reference(c_lambda):
+    cfg = IsopoConfig(variant="interacting", c_lambda=c_lambda)
+    run_against_reference(cfg, [cfg.replace(strategy=s) for s in ("instantiate", "gram")])
+
+
+def _reinforce_grads(model, batches, n_tok):
+    model.zero_grad(set_to_none=True)
+    for b in batches:
+        logp = token_log_probs(model, b["input_ids"], b["attention_mask"])
+        (-masked_sum(logp, b["response_mask"], b["advantages"]) / n_tok).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("strategy", ["instantiate", "gram"])
+def test_zero_exponents_reproduce_reinforce(strategy):
+    model = tiny_qwen3()
+    batches = step_batches(0)
+    n_tok = response_tokens(batches)
+    expected = _reinforce_grads(model, batches, n_tok)
+    engine = Isopo(model, IsopoConfig(setting="reinforce", strategy=strategy, c_n=1.0, c_o=1.0, c_r=1.0))
+    assert_rel_close(efficient_step(model, engine, batches, n_tok), expected, tol=1e-12)
+
+
+def test_interacting_with_huge_damping_converges_to_reinforce():
+    model = tiny_qwen3()
+    batches = step_batches(1)
+    n_tok = response_tokens(batches)
+    expected = _reinforce_grads(model, batches, n_tok)
+    errors = []
+    for c_lambda in (1e2, 1e4, 1e6):
+        engine = Isopo(model, IsopoConfig(variant="interacting", c_lambda=c_lambda))
+        got = efficient_step(model, engine, batches, n_tok)
+        errors.append(max(float((got[n] - expected[n]).norm() / expected[n].norm()) for n in expected))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["non_interacting", "interacting"])
+def test_sequence_numbering_against_row_order_gives_same_gradient(variant):
+    model = tiny_qwen3()
+    batches = step_batches(0)
+    n_tok = response_tokens(batches)
+    cfg = IsopoConfig(variant=variant, setting="paper", num_samples=9)
+    rows = efficient_step(model, Isopo(model, cfg), batches, n_tok)
+    gathered = efficient_step(model, Isopo(model, cfg), batches, n_tok, permute=True)
+    assert_rel_close(gathered, rows, tol=1e-12)
+
+
+def test_overlap_update_is_invariant_to_loss_scale():
+    model = tiny_qwen3(tie=False)
+    batches = step_batches(2)
+    n_tok = response_tokens(batches)
+    cfg = IsopoConfig(setting="overlap", num_samples=9)
+    base = efficient_step(model, Isopo(model, cfg), batches, n_tok)
+    scaled = efficient_step(model, Isopo(model, cfg), batches, n_tok, loss_scale=37.5)
+    linear_weights = [n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert_rel_close(scaled, base, tol=1e-10, names=linear_weights)
+    # The non-Linear parameters take the REINFORCE gradient, which does scale: the check can fail.
+    norm_gain = "model.norm.weight"
+    assert torch.allclose(scaled[norm_gain], 37.5 * base[norm_gain], rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_installing_and_removing_leaves_forward_unchanged(dtype):
+    model = tiny_qwen3(dtype=dtype)
+    b = step_batches(0)[0]
+    before = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    forwards_before = {name: vars(m).get("forward") for name, m in model.named_modules()}
+    engine = Isopo(model, IsopoConfig())
+    with engine.installed():
+        with engine.micro_batch(b["seq_ids"], b["advantages"]):
+            during = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        outside = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    after = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    for other in (during, outside, after):
+        assert torch.equal(before, other)
+    assert {name: vars(m).get("forward") for name, m in model.named_modules()} == forwards_before
+
+
+def test_float32_runs_and_is_close_to_float64():
+    model64 = tiny_qwen3()
+    model32 = tiny_qwen3(dtype=torch.float32)
+    batches = step_batches(0)
+    n_tok = response_tokens(batches)
+    cfg = IsopoConfig(setting="paper", num_samples=9)
+    g64 = efficient_step(model64, Isopo(model64, cfg), batches, n_tok)
+    g32 = efficient_step(model32, Isopo(model32, cfg), batches, n_tok)
+    for n in g64:
+        assert g32[n].dtype == torch.float32
+        assert float((g32[n].double() - g64[n]).norm() / g64[n].norm()) < 1e-3, n
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(num_samples=-1), "num_samples"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(ema_decay=1.0), "ema_decay"),
+        (dict(ema_decay=-0.1), "ema_decay"),
+        (dict(setting="fastest"), "valid settings: paper, overlap, rel_overlap"),
+        (dict(reg_form="multiplicative"), "reg_form"),
+        (dict(c_o=-1.0), "c_o"),
+        (dict(variant="interacting", c_lambda=0.0), "c_lambda"),
+        (dict(variant="both"), "variant"),
+        (dict(strategy="fast"), "strategy"),
+    ],
+)
+def test_out_of_range_settings_give_one_clear_error(changes, message):
+    with pytest.raises(ValueError, match=message):
+        IsopoConfig(**changes)
