@@ -78,8 +78,13 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm gamma and lam must lie in [0, 1]; got {self.gamma}, {self.lam}")
         if not self.critic_lr > 0:
             raise ValueError(f"algorithm critic_lr must be > 0; got {self.critic_lr}")
-        if self.grad_transform == "isopo" and self.policy_loss != "vanilla":
-            raise ValueError("ISOPO transforms the plain policy gradient: it needs policy_loss=vanilla")
+        if self.grad_transform == "isopo":
+            if self.policy_loss != "vanilla":
+                raise ValueError("ISOPO transforms the plain policy gradient: it needs policy_loss=vanilla")
+            if self.adv_estimator != "grpo":
+                raise ValueError("ISOPO weights whole sequences: it needs a sequence-level advantage (grpo)")
+            if self.kl_coef or self.entropy_coef:
+                raise ValueError("ISOPO reweights the policy gradient alone: set kl_coef=0 and entropy_coef=0")
 
     # What the trainer must prepare, derived rather than stored so it cannot disagree with the knobs.
     @property

@@ -19,7 +19,14 @@ from tqdm import tqdm
 from tasks import Task
 
 from .config import ModelConfig
-from .models import build_model, find_smollm2_gguf, load_model, load_tokenizer, preset_config, tiny_qwen3_config
+from .models import (
+    build_model,
+    find_smollm2_gguf,
+    load_model,
+    load_tokenizer,
+    preset_config,
+    tiny_qwen3_config,
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 

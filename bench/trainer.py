@@ -171,7 +171,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
-        run, algo = self.run, self.algo
+        run = self.run
         t0 = time.perf_counter()
         if run.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
