@@ -17,8 +17,16 @@ STEPS = [
 ]
 
 
-def step_batches(step: int):
-    return [make_batch(100 * step + j, p, r) for j, (p, r) in enumerate(STEPS[step])]
+# Equal lengths within each micro-batch: no padding, so the backward skips its masking steps.
+UNPADDED_STEPS = [
+    [((3, 3, 3), (4, 4, 4)), ((2, 2), (5, 5))],
+    [((4, 4), (3, 3)), ((3, 3, 3, 3), (2, 2, 2, 2))],
+]
+
+
+def step_batches(step: int, spec=None):
+    spec = spec or STEPS
+    return [make_batch(100 * step + j, p, r) for j, (p, r) in enumerate(spec[step])]
 
 
 def response_tokens(batches) -> float:
@@ -68,13 +76,14 @@ def assert_rel_close(eff, ref, tol=1e-8, names=None):
         assert err <= tol, f"{name}: relative error {err:.2e}"
 
 
-def run_against_reference(cfg: IsopoConfig, strategy_cfgs=None, steps=3):
+def run_against_reference(cfg: IsopoConfig, strategy_cfgs=None, steps=3, spec=None):
     """Three consecutive optimizer steps (so the EMAs matter), updating the weights between them."""
     model = tiny_qwen3()
     ref = ReferenceIsopo(model, cfg)
     engines = [Isopo(model, c) for c in (strategy_cfgs or [cfg])]
     for step in range(steps):
-        batches = step_batches(step)
+        batches = step_batches(step, spec)
+        assert spec is None or not any(bool((b["seq_ids"] < 0).any()) for b in batches)
         n_tok = response_tokens(batches)
         expected = reference_step(model, ref, batches, n_tok, step, len(engines[0].layers), cfg.num_samples, cfg.seed)
         grads = None
@@ -100,6 +109,13 @@ def test_unregularised_named_settings_and_free_exponents_match_reference():
         IsopoConfig(setting=None, p=0.5, q=-1.0, r=-1.5, c_n=0.1, c_o=0.0, c_r=1.0, num_samples=5),
     ):
         run_against_reference(cfg, steps=2)
+
+
+def test_batch_without_padding_matches_reference():
+    for variant in ("non_interacting", "interacting"):
+        cfg = IsopoConfig(variant=variant, setting="paper", c_o=0.3, num_samples=9)
+        run_against_reference(cfg, [cfg.replace(strategy=s) for s in ("instantiate", "gram")], steps=2,
+                              spec=UNPADDED_STEPS)
 
 
 def test_chunked_output_dimension_matches_reference():

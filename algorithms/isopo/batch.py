@@ -43,6 +43,8 @@ class MicroBatch:
     """B, the number of sequences."""
     token_mask: torch.Tensor
     """(n_tokens,) 1.0 at valid positions, flattened row-major."""
+    has_padding: bool
+    """Whether any position is padding (when none is, the backward skips every masking step)."""
     token_adv: torch.Tensor
     """(n_tokens,) A_{s(t)} at valid positions and 0 at padding: the REINFORCE per-token gradient scale."""
     token_seq: torch.Tensor
@@ -115,6 +117,7 @@ class MicroBatch:
             advantages=adv,
             num_seqs=num_seqs,
             token_mask=valid.to(dtype),
+            has_padding=valid_pos.numel() < flat.numel(),
             token_adv=token_adv,
             token_seq=flat.clamp(min=0),
             samples=valid_pos[sample_rank],

@@ -66,11 +66,12 @@ def isopo_weight_grad(x: torch.Tensor, d: torch.Tensor, layer: LinearLayer, mb: 
     b, t = mb.num_seqs, mb.seq_len_max
 
     # Zero the padding in whichever operand is narrower: every statistic is a sum of δ_t a_tᵀ products.
-    mask = mb.token_mask.to(x.dtype).unsqueeze(1)
-    if d_in <= d_out:
-        x_flat = x_flat * mask
-    else:
-        d_flat = d_flat * mask
+    if mb.has_padding:
+        mask = mb.token_mask.to(x.dtype).unsqueeze(1)
+        if d_in <= d_out:
+            x_flat = x_flat * mask
+        else:
+            d_flat = d_flat * mask
     if mb.pad_index is None:
         a3, d3 = x_flat.view(b, t, d_in), d_flat.view(b, t, d_out)
     else:
@@ -101,5 +102,7 @@ def isopo_weight_grad(x: torch.Tensor, d: torch.Tensor, layer: LinearLayer, mb: 
     if stats.per_seq_grad is not None:
         g = stats.per_seq_grad
         return (w.to(g.dtype) @ g.reshape(b, -1)).view(d_out, d_in)
-    token_w = w.to(d.dtype)[mb.token_seq] * mb.token_mask.to(d.dtype)
+    token_w = w.to(d.dtype)[mb.token_seq]
+    if mb.has_padding:
+        token_w = token_w * mb.token_mask.to(d.dtype)
     return (d_flat * token_w.unsqueeze(1)).t() @ x_flat

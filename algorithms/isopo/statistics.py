@@ -67,20 +67,22 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk_elems, stat_dtype) -> Layer
     n_sq = torch.zeros(b, dtype=stat_dtype, device=a.device)
     overlap_num = None if interacting else torch.zeros(b, a_k.shape[0], dtype=stat_dtype, device=a.device)
     ntk = torch.zeros(b, b, dtype=stat_dtype, device=a.device) if interacting else None
-    a_t = None if interacting else a_k.t()
     g = None
     for lo in range(0, d_out, chunk):
         hi = min(d_out, lo + chunk)
         g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): the per-sequence gradients
-        g_stat = g.to(stat_dtype)
-        flat = g_stat.reshape(b, -1)
-        n_sq += (flat * flat).sum(1)
+        flat = g.reshape(b, -1)
+        n_sq += torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype) ** 2
         if interacting:
+            flat = flat.to(stat_dtype)
             ntk += flat @ flat.t()
+        elif hi - lo <= d_in:
+            # δ_kᵀ G_i a_k over this chunk of output rows; the (B, K, ·) temporary takes the narrower side.
+            dg = torch.matmul(d_k[:, lo:hi], g)  # (B, K, in)
+            overlap_num += (dg.to(stat_dtype) * a_k.to(stat_dtype)).sum(2)
         else:
-            # δ_kᵀ G_i a_k summed over this chunk of output rows.
-            ga = torch.matmul(g, a_t).to(stat_dtype)  # (B, chunk, K)
-            overlap_num += (ga * d_k[:, lo:hi].t().to(stat_dtype)).sum(1)
+            ga = torch.matmul(g, a_k.t())  # (B, chunk, K)
+            overlap_num += (ga.to(stat_dtype) * d_k[:, lo:hi].t().to(stat_dtype)).sum(1)
     whole = chunk >= d_out
     return LayerStats(n_sq=n_sq, overlap_num=overlap_num, ntk=ntk, per_seq_grad=g if whole else None)
 
