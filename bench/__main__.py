@@ -37,11 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the embedded default)")
     run.add_argument("overrides", nargs="*", help="key=value overrides")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
+    overhead = _add_overhead_parser(sub)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "overhead":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")  # what parse_args would say
+        overhead.error(f"unrecognized arguments: {' '.join(extra)}")
 
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "overhead":
+            return _overhead(args, sys.argv[1:] if argv is None else argv)
     except _known_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -67,6 +74,64 @@ def _run(args) -> int:
         report = write_report(out)
         print(f"report: {report}")
     return 0
+
+
+def _add_overhead_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "overhead", help="time one update step of REINFORCE, ISOPO and the hook-based ISOPO baseline",
+        description="Time one update step (forward + backward + gradient transform; AdamW with --optimizer) per "
+        "mode on a randomly initialised preset model, modes interleaved after warm-up; print a table and write "
+        "JSON (median/min/max seconds, peak memory, ratios to reinforce). See bench/overhead.py for the method.",
+    )
+
+    def one_line_error(message: str):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    p.error = one_line_error  # one clear line, like every other bad input of this CLI
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--model", default="small", help="preset: tiny, small, qwen3-0.6b (default: small)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch B (default: 8)")
+    p.add_argument("--seq-len", type=int, default=1024,
+                   help="tokens per sequence T; first half prompt, second half response (default: 1024)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16 (default: float32)")
+    p.add_argument("--autocast", default=None, help="bf16 or none (default: bf16 on cuda, none on cpu)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds, modes interleaved (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of reinforce, isopo_ni:paper, isopo_ni:overlap, "
+                   "isopo_ni:rel_overlap, isopo_int, isopo_ni_hooks, isopo_int_hooks (default: all; with "
+                   "--scaling: reinforce,isopo_ni:paper,isopo_int); reinforce is always added")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--num-samples", type=int, default=250, help="ISOPO's K overlap samples (default: 250)")
+    p.add_argument("--optimizer", action="store_true", help="include an AdamW step in each timed step")
+    p.add_argument("--json", default=None, help="output file (default: results/overhead/<model>-<device>-B<B>-T<T>"
+                   ".json, or results/overhead/scaling-<model>-<device>.json with --scaling)")
+    p.add_argument("--scaling", action="store_true",
+                   help="sweep T (at --batch) and B (at --seq-len) instead of one point")
+    p.add_argument("--scaling-T", dest="scaling_t", default=None,
+                   help="comma-separated T values of the sweep (default: 256,512,1024,2048,4096)")
+    p.add_argument("--scaling-B", dest="scaling_b", default=None,
+                   help="comma-separated B values of the sweep (default: 4,8,16,32)")
+    return p
+
+
+def _overhead(args, argv: list[str]) -> int:
+    import shlex
+
+    from .overhead import Options, parse_int_list, run
+
+    opts = Options(
+        device=args.device, model=args.model, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
+        autocast=args.autocast, repeats=args.repeats, warmup=args.warmup,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()] if args.modes is not None else None,
+        threads=args.threads, num_samples=args.num_samples, optimizer=args.optimizer, json=args.json,
+        scaling=args.scaling,
+        scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,
+        scaling_b=parse_int_list(args.scaling_b, "--scaling-B") if args.scaling_b is not None else None,
+        command=shlex.join(["python", "-m", "bench", *argv]),
+    )
+    return run(opts)
 
 
 if __name__ == "__main__":
