@@ -116,7 +116,8 @@ class SweepConfig:
     out_dir: str = "results"
     """Root of all outputs."""
     tracking_uri: str | None = None
-    """MLflow tracking URI; default a local store under <out_dir>/mlruns."""
+    """MLflow tracking URI; default a local SQLite store <out_dir>/mlflow.db with artifacts in
+    <out_dir>/mlartifacts."""
     report: bool = True
     """Write the analysis report when the sweep finishes."""
 

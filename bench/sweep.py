@@ -194,6 +194,10 @@ def init_tracking(cfg: BenchConfig) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    if cfg.sweep.tracking_uri is None and mlflow.get_experiment_by_name(cfg.sweep.name) is None:
+        # Artifacts beside the store, not in an ./mlruns of whatever folder the command ran from.
+        artifacts = (Path(cfg.sweep.out_dir).resolve() / "mlartifacts").as_uri()
+        mlflow.create_experiment(cfg.sweep.name, artifact_location=artifacts)
     mlflow.set_experiment(cfg.sweep.name)
 
 

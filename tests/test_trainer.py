@@ -112,6 +112,7 @@ def test_sweep_writes_tidy_tables_and_mlflow_runs(tmp_path):
     assert sorted(found["tags.mlflow.runName"]) == sorted(f"{a}__seed{s}" for a, s in zip(runs.algorithm, runs.seed))
     one = found.iloc[0]
     assert one["params.run.lr"] == "0.001" and not math.isnan(one["metrics.reward_mean"])
+    assert len(list((tmp_path / "mlartifacts").glob("*/artifacts/metrics.csv"))) == 4
 
 
 def test_killed_sweep_resumes_with_every_run_exactly_once(tmp_path):
