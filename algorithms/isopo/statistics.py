@@ -76,7 +76,7 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk_elems, stat_dtype) -> Layer
         if interacting:
             flat = flat.to(stat_dtype)
             ntk += flat @ flat.t()
-        elif hi - lo <= d_in:
+        elif d_in <= hi - lo:
             # δ_kᵀ G_i a_k over this chunk of output rows; the (B, K, ·) temporary takes the narrower side.
             dg = torch.matmul(d_k[:, lo:hi], g)  # (B, K, in)
             overlap_num += (dg.to(stat_dtype) * a_k.to(stat_dtype)).sum(2)

@@ -1,0 +1,541 @@
+"""``python -m bench overhead``: what one ISOPO update step costs next to one REINFORCE step.
+
+One update step = forward + backward (+ ISOPO's gradient transform, which runs inside the backward, or the
+hook baseline's transform after it) of one micro-batch of B random sequences of T tokens on a randomly
+initialised preset model; with ``--optimizer`` an AdamW step is included. Prompt = the first half of each
+row, response = the second half (the loss mask); no padding. Modes:
+
+- ``reinforce``: the unmodified model under plain autograd, loss = −Σ_t A_{s(t)} log π(y_t) / n_response_tokens.
+- ``isopo_ni:<setting>`` (paper, overlap, rel_overlap) and ``isopo_int``: ``algorithms.isopo.Isopo``
+  installed, back-propagating the advantage-free loss −Σ_t log π(y_t) / n_response_tokens.
+- ``isopo_ni_hooks`` / ``isopo_int_hooks``: ``bench.hooks_baseline.HooksIsopo`` (reference-code style: forward
+  and full backward hooks, ordinary backward, then a Python loop over sequences per layer); settings paper /
+  interacting with c_λ = 1.
+
+Both the REINFORCE and the ISOPO modes compute the logits at every position (the engine needs the LM head
+to see the whole token layout); the trainer's REINFORCE path skips the LM head over the prompt, which this
+benchmark does not do.
+
+Method. All modes share one model (and one AdamW). After ``--warmup`` rounds, the ``--repeats`` timed
+rounds are interleaved: each round runs every mode once (round-robin, the starting mode rotating), so
+drift (thermal, a neighbour's load) hits all modes alike. Each timed step is bracketed by
+``torch.cuda.synchronize`` on CUDA; the garbage collector is disabled during it (and run before the timed
+rounds and before the memory steps); installing and removing ISOPO or the hooks and zeroing the gradients
+are outside the timing, ISOPO's per-micro-batch bookkeeping (``Isopo.micro_batch``, ``end_step``) is inside.
+Reported: median, min and max seconds, and the ratio of medians to reinforce.
+
+Peak memory is measured in one extra, untimed step per mode after the timed rounds:
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (includes the model, its
+  gradients and everything alive during the step);
+- CPU: the process's peak resident set size during the step. ``ru_maxrss`` only ever grows, so a background
+  thread samples the RSS (psutil) every ~1 ms during that step and the maximum is kept. Freed heap is handed
+  back to the OS (``malloc_trim``) before each mode's step so that one mode's garbage does not count against
+  the next. The figure is absolute (interpreter, libraries and model included); the printed table also
+  shows ``step_MiB``, the growth during the step. The sampler runs only in the memory step, never in the
+  timed ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODES = (
+    "reinforce",
+    "isopo_ni:paper",
+    "isopo_ni:overlap",
+    "isopo_ni:rel_overlap",
+    "isopo_int",
+    "isopo_ni_hooks",
+    "isopo_int_hooks",
+)
+SCALING_MODES = ("reinforce", "isopo_ni:paper", "isopo_int")
+SCALING_T = (256, 512, 1024, 2048, 4096)
+SCALING_B = (4, 8, 16, 32)
+MODELS = ("tiny", "small", "qwen3-0.6b")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TINY_VOCAB = 4096
+BASE = "reinforce"
+SEED = 0
+
+
+class OverheadError(ValueError):
+    """A bad option: ``python -m bench`` prints it as one ``error: ...`` line and exits 2."""
+
+
+@dataclass
+class Options:
+    device: str = "cpu"
+    model: str = "small"
+    batch: int = 8
+    seq_len: int = 1024
+    dtype: str = "float32"
+    autocast: str | None = None
+    """``bf16`` or ``none``; None picks bf16 on CUDA and none on CPU."""
+    repeats: int = 5
+    warmup: int = 1
+    modes: list[str] | None = None
+    """None: every mode (a single run) or reinforce, isopo_ni:paper and isopo_int (``--scaling``)."""
+    threads: int | None = None
+    num_samples: int = 250
+    optimizer: bool = False
+    json: str | None = None
+    scaling: bool = False
+    scaling_t: list[int] | None = None
+    scaling_b: list[int] | None = None
+    command: str = "python -m bench overhead"
+
+
+# -- options ---------------------------------------------------------------------------------------------
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OverheadError(f"{what} must be a comma-separated list of integers; got {text!r}") from None
+    if not values:
+        raise OverheadError(f"{what} is empty")
+    return values
+
+
+def validate(opts: Options) -> Options:
+    if opts.model not in MODELS:
+        raise OverheadError(f"unknown model preset {opts.model!r}; valid presets: {', '.join(MODELS)}")
+    if opts.device not in ("cpu", "cuda"):
+        raise OverheadError(f"unknown device {opts.device!r}; valid devices: cpu, cuda")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise OverheadError("--device cuda was requested but CUDA is not available (torch "
+                            f"{torch.__version__}); use --device cpu")
+    if opts.dtype not in DTYPES:
+        raise OverheadError(f"unknown dtype {opts.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    if opts.autocast is None:
+        opts.autocast = "bf16" if opts.device == "cuda" else "none"
+    if opts.autocast not in ("bf16", "none"):
+        raise OverheadError(f"unknown autocast {opts.autocast!r}; valid: bf16, none")
+    for name in ("batch", "repeats"):
+        if getattr(opts, name) < 1:
+            raise OverheadError(f"--{name} must be a positive integer; got {getattr(opts, name)}")
+    if opts.seq_len < 2:
+        raise OverheadError(f"--seq-len must be at least 2 (prompt and response halves); got {opts.seq_len}")
+    if opts.warmup < 0:
+        raise OverheadError(f"--warmup must be >= 0; got {opts.warmup}")
+    if opts.threads is not None and opts.threads < 1:
+        raise OverheadError(f"--threads must be a positive integer; got {opts.threads}")
+    if opts.num_samples < 1:
+        raise OverheadError(f"--num-samples must be a positive integer; got {opts.num_samples}")
+    if opts.modes is None:
+        opts.modes = list(SCALING_MODES if opts.scaling else MODES)
+    unknown = [m for m in opts.modes if m not in MODES]
+    if unknown:
+        raise OverheadError(f"unknown mode {unknown[0]!r}; valid modes: {', '.join(MODES)}")
+    if not opts.modes:
+        raise OverheadError("--modes is empty")
+    modes = list(dict.fromkeys(opts.modes))
+    if BASE not in modes:
+        modes.insert(0, BASE)  # every ratio is taken against it
+    opts.modes = modes
+    if opts.scaling:
+        opts.scaling_t = list(opts.scaling_t or SCALING_T)
+        opts.scaling_b = list(opts.scaling_b or SCALING_B)
+        for name, values in (("--scaling-T", opts.scaling_t), ("--scaling-B", opts.scaling_b)):
+            low = 2 if name == "--scaling-T" else 1
+            if any(v < low for v in values):
+                raise OverheadError(f"{name} values must be >= {low}; got {values}")
+    elif opts.scaling_t or opts.scaling_b:
+        raise OverheadError("--scaling-T / --scaling-B need --scaling")
+    return opts
+
+
+# -- environment -----------------------------------------------------------------------------------------
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssSampler:
+    """Peak resident set size of this process while the block runs, sampled every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.001):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.start_rss = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        rss = self._proc.memory_info().rss
+        if rss > self.peak:
+            self.peak = rss
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self.start_rss = self._proc.memory_info().rss
+        self.peak = self.start_rss
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+# -- the update step of each mode ------------------------------------------------------------------------
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    seq_ids: torch.Tensor
+    advantages: torch.Tensor
+    targets: torch.Tensor
+    """(B, T): the next token at each position (0 at the last, which carries no weight)."""
+    reinforce_weight: torch.Tensor
+    """(B, T): A_{s(t)} / n_response_tokens at positions that predict a response token, else 0."""
+    free_weight: torch.Tensor
+    """(B, T): 1 / n_response_tokens at the same positions (the advantage-free loss)."""
+
+
+def make_batch(batch: int, seq_len: int, vocab: int, device: str, seed: int = SEED) -> Batch:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 10_007 + seq_len)
+    input_ids = torch.randint(3, vocab, (batch, seq_len), generator=gen)
+    advantages = torch.randn(batch, generator=gen)
+    prompt = seq_len // 2
+    mask = torch.zeros(batch, seq_len)
+    mask[:, prompt - 1 : seq_len - 1] = 1.0  # positions whose next token is a response token
+    n_resp = float(mask.sum())
+    targets = torch.cat([input_ids[:, 1:], torch.zeros(batch, 1, dtype=input_ids.dtype)], 1)
+    seq_ids = torch.arange(batch).unsqueeze(1).expand(batch, seq_len).contiguous()
+    return Batch(
+        input_ids=input_ids.to(device),
+        seq_ids=seq_ids.to(device),
+        advantages=advantages.to(device),
+        targets=targets.to(device),
+        reinforce_weight=(mask * advantages.unsqueeze(1) / n_resp).to(device),
+        free_weight=(mask / n_resp).to(device),
+    )
+
+
+def _loss(model: nn.Module, batch: Batch, weight: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=batch.input_ids, use_cache=False).logits
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    logp = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return -(logp * weight).sum()
+
+
+class Mode:
+    """One mode's update step; ``begin``/``end`` (untimed) bracket each ``step`` (timed)."""
+
+    def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int):
+        from algorithms.isopo import Isopo, IsopoConfig
+
+        from .hooks_baseline import HooksIsopo
+
+        self.name = name
+        self.model = model
+        self.optimizer = optimizer
+        self.autocast = autocast
+        self.engine = None
+        if name.startswith("isopo_ni:"):
+            cfg = IsopoConfig(variant="non_interacting", setting=name.split(":", 1)[1], num_samples=num_samples)
+            self.engine = Isopo(model, cfg)
+        elif name == "isopo_int":
+            self.engine = Isopo(model, IsopoConfig(variant="interacting", setting=None, c_lambda=1.0,
+                                                   num_samples=num_samples))
+        elif name == "isopo_ni_hooks":
+            self.engine = HooksIsopo(model, IsopoConfig(setting="paper", num_samples=num_samples))
+        elif name == "isopo_int_hooks":
+            self.engine = HooksIsopo(model, IsopoConfig(variant="interacting", setting=None, c_lambda=1.0,
+                                                        num_samples=num_samples))
+
+    def begin(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        if self.engine is not None:
+            self.engine.install()
+
+    def end(self) -> None:
+        if self.engine is not None:
+            self.engine.remove()
+
+    def step(self, batch: Batch) -> None:
+        if self.engine is None:
+            with self.autocast():
+                loss = _loss(self.model, batch, batch.reinforce_weight)
+            loss.backward()
+        else:
+            with self.engine.micro_batch(batch.seq_ids, batch.advantages):
+                with self.autocast():
+                    loss = _loss(self.model, batch, batch.free_weight)
+                loss.backward()
+            self.engine.end_step()
+        if self.optimizer is not None:
+            self.optimizer.step()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(mode: Mode, batch: Batch, device: str) -> float:
+    mode.begin()
+    gc.disable()  # no collector pause inside the timing (a full collection costs ~0.3 s with transformers loaded)
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        mode.step(batch)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    finally:
+        gc.enable()
+        mode.end()
+    return elapsed
+
+
+def _memory(mode: Mode, batch: Batch, device: str) -> tuple[float, float]:
+    """(peak MiB, growth during the step in MiB) of one untimed step."""
+    mode.begin()
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            mode.step(batch)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            _malloc_trim()
+            with RssSampler() as sampler:
+                mode.step(batch)
+            start, peak = sampler.start_rss, sampler.peak
+    finally:
+        mode.end()
+    return peak / 2**20, (peak - start) / 2**20
+
+
+def measure(modes: list[Mode], batch: Batch, device: str, repeats: int, warmup: int,
+            progress=None) -> dict[str, dict]:
+    """Warm-up, interleaved timed rounds, then one memory step per mode; the per-mode result dicts."""
+    for _ in range(warmup):
+        for mode in modes:
+            _timed(mode, batch, device)
+    gc.collect()
+    times: dict[str, list[float]] = {m.name: [] for m in modes}
+    for rep in range(repeats):
+        shift = rep % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            times[mode.name].append(_timed(mode, batch, device))
+        if progress:
+            progress(f"round {rep + 1}/{repeats}")
+    gc.collect()
+    memory = {m.name: _memory(m, batch, device) for m in modes}
+    base_t = statistics.median(times[BASE])
+    base_m = memory[BASE][0]
+    results = {}
+    for mode in modes:
+        med = statistics.median(times[mode.name])
+        results[mode.name] = {
+            "median_s": med,
+            "min_s": min(times[mode.name]),
+            "max_s": max(times[mode.name]),
+            "ratio_vs_reinforce": med / base_t,
+            "peak_mib": memory[mode.name][0],
+            "peak_ratio_vs_reinforce": memory[mode.name][0] / base_m,
+            "_step_mib": memory[mode.name][1],
+        }
+    return results
+
+
+def public(results: dict[str, dict]) -> dict[str, dict]:
+    """The results as written to JSON (without the table-only fields)."""
+    return {m: {k: v for k, v in r.items() if not k.startswith("_")} for m, r in results.items()}
+
+
+# -- setup, output ---------------------------------------------------------------------------------------
+def build(opts: Options, max_seq_len: int) -> tuple[nn.Module, int]:
+    from .models import build_model, preset_config
+
+    config = preset_config(opts.model, vocab_size=TINY_VOCAB if opts.model == "tiny" else None)
+    config.max_position_embeddings = max(config.max_position_embeddings, max_seq_len)
+    model = build_model(config, seed=SEED, dtype=DTYPES[opts.dtype]).to(opts.device)
+    model.train()
+    return model, config.vocab_size
+
+
+def make_modes(opts: Options, model: nn.Module) -> list[Mode]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01) if opts.optimizer else None
+    if opts.autocast == "bf16":
+        def autocast():
+            return torch.autocast(opts.device, dtype=torch.bfloat16)
+    else:
+        autocast = nullcontext
+    return [Mode(name, model, optimizer, autocast, opts.num_samples) for name in opts.modes]
+
+
+def config_dict(opts: Options) -> dict:
+    return {
+        "model": opts.model,
+        "batch": opts.batch,
+        "seq_len": opts.seq_len,
+        "dtype": opts.dtype,
+        "autocast": opts.autocast,
+        "threads": torch.get_num_threads(),
+        "repeats": opts.repeats,
+        "warmup": opts.warmup,
+        "num_samples": opts.num_samples,
+        "optimizer": "adamw" if opts.optimizer else None,
+        "torch_version": torch.__version__,
+    }
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """Atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def format_table(results: dict[str, dict]) -> str:
+    header = ("mode", "median_s", "min_s", "max_s", "ratio", "peak_MiB", "peak_ratio", "step_MiB")
+    rows = [header]
+    for mode, r in results.items():
+        rows.append((mode, f"{r['median_s']:.4f}", f"{r['min_s']:.4f}", f"{r['max_s']:.4f}",
+                     f"{r['ratio_vs_reinforce']:.3f}", f"{r['peak_mib']:.1f}", f"{r['peak_ratio_vs_reinforce']:.3f}",
+                     f"{r.get('_step_mib', float('nan')):.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    )
+
+
+def format_scaling(modes: list[str], key: str, fixed: str, values: list[tuple[int, dict | None]]) -> str:
+    """One sweep: a row per value, reinforce's median seconds, then each mode's time ratio (memory ratio)."""
+    header = (key, f"{BASE}_s") + tuple(m for m in modes if m != BASE)
+    rows = [header]
+    for v, res in values:
+        if res is None:
+            continue
+        cells = [str(v), f"{res[BASE]['median_s']:.4f}"]
+        for m in modes:
+            if m != BASE:
+                cells.append(f"{res[m]['ratio_vs_reinforce']:.3f}x (mem {res[m]['peak_ratio_vs_reinforce']:.2f})")
+        rows.append(tuple(cells))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [fixed]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+# -- entry points ----------------------------------------------------------------------------------------
+def run(opts: Options) -> int:
+    opts = validate(opts)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    return run_scaling(opts) if opts.scaling else run_single(opts)
+
+
+def run_single(opts: Options) -> int:
+    path = Path(opts.json or f"results/overhead/{opts.model}-{opts.device}-B{opts.batch}-T{opts.seq_len}.json")
+    model, vocab = build(opts, opts.seq_len)
+    modes = make_modes(opts, model)
+    batch = make_batch(opts.batch, opts.seq_len, vocab, opts.device)
+    _log(f"overhead: {opts.model} on {opts.device}, B={opts.batch} T={opts.seq_len}, "
+         f"{len(modes)} modes, {opts.warmup} warm-up + {opts.repeats} timed rounds")
+    start = time.perf_counter()
+    results = measure(modes, batch, opts.device, opts.repeats, opts.warmup, progress=_log)
+    doc = {"device": device_name(opts.device), "date": _now(), "command": opts.command,
+           "config": config_dict(opts), "results": public(results)}
+    write_json(path, doc)
+    print(f"{doc['device']}, {opts.model}, B={opts.batch}, T={opts.seq_len}, dtype {opts.dtype}, autocast "
+          f"{opts.autocast}, {doc['config']['threads']} thread(s), optimizer {doc['config']['optimizer']}, "
+          f"K={opts.num_samples}, median of {opts.repeats}")
+    print(format_table(results))
+    print(f"wall {time.perf_counter() - start:.1f} s; wrote {path}")
+    return 0
+
+
+def run_scaling(opts: Options) -> int:
+    path = Path(opts.json or f"results/overhead/scaling-{opts.model}-{opts.device}.json")
+    grid = [(opts.batch, t) for t in opts.scaling_t] + [(b, opts.seq_len) for b in opts.scaling_b]
+    grid = list(dict.fromkeys(grid))
+    model, vocab = build(opts, max(t for _, t in grid))
+    modes = make_modes(opts, model)
+    config = {**config_dict(opts), "scaling_T": opts.scaling_t, "scaling_B": opts.scaling_b,
+              "modes": opts.modes}
+    doc = {"device": device_name(opts.device), "date": _now(), "command": opts.command, "config": config,
+           "points": []}
+    measured: dict[tuple[int, int], dict] = {}
+    start = time.perf_counter()
+    for b, t in grid:
+        _log(f"scaling: B={b} T={t} ({len(measured) + 1}/{len(grid)})")
+        batch = make_batch(b, t, vocab, opts.device)
+        measured[(b, t)] = measure(modes, batch, opts.device, opts.repeats, opts.warmup)
+        del batch
+        doc["points"].append({"batch": b, "seq_len": t, "results": public(measured[(b, t)])})
+        # A scaling file also reads as a single-point overhead file (analysis.load_overhead wants "results"):
+        # the point at the given B and T if the sweep has it, else the first point.
+        base = (opts.batch, opts.seq_len) if (opts.batch, opts.seq_len) in measured else grid[0]
+        if base in measured:
+            doc["results"] = public(measured[base])
+            doc["results_point"] = {"batch": base[0], "seq_len": base[1]}
+        write_json(path, doc)  # after every point, so a long sweep keeps what it has
+    print(f"{doc['device']}, {opts.model}, dtype {opts.dtype}, autocast {opts.autocast}, "
+          f"{config['threads']} thread(s), optimizer {config['optimizer']}, K={opts.num_samples}, "
+          f"median of {opts.repeats}; ratio of median step time to {BASE} (peak-memory ratio)")
+    print(format_scaling(opts.modes, "T", f"T sweep at B={opts.batch}",
+                         [(t, measured.get((opts.batch, t))) for t in opts.scaling_t]))
+    print(format_scaling(opts.modes, "B", f"B sweep at T={opts.seq_len}",
+                         [(b, measured.get((b, opts.seq_len))) for b in opts.scaling_b]))
+    print(f"wall {time.perf_counter() - start:.1f} s; wrote {path}")
+    return 0

@@ -1,0 +1,174 @@
+"""`python -m bench overhead`: the JSON it writes, the scaling sweep, bad options, and the hook-based ISOPO
+baseline against the efficient engine (float64, same overlap samples)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from isopo_fixtures import make_batch, masked_sum, tiny_qwen3, token_log_probs
+
+from algorithms.isopo import Isopo, IsopoConfig
+from bench.__main__ import main
+from bench.hooks_baseline import HooksIsopo
+from bench.overhead import MODES, SCALING_MODES
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "repeats", "warmup", "num_samples",
+               "optimizer", "torch_version"}
+RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "peak_mib", "peak_ratio_vs_reinforce"}
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def check_results(results: dict, modes) -> None:
+    assert list(results) == list(modes)
+    for mode, r in results.items():
+        assert set(r) == RESULT_KEYS, mode
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"], mode
+        assert r["ratio_vs_reinforce"] > 0 and r["peak_mib"] > 0 and r["peak_ratio_vs_reinforce"] > 0, mode
+    assert results["reinforce"]["ratio_vs_reinforce"] == 1.0
+    assert results["reinforce"]["peak_ratio_vs_reinforce"] == 1.0
+
+
+def test_cli_writes_json_of_the_exact_schema_with_every_mode(tmp_path):
+    out = tmp_path / "deep" / "folder" / "tiny.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "bench", "overhead", *TINY, "--json", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert list(doc) == ["device", "date", "command", "config", "results"]
+    assert "cores" in doc["device"]
+    datetime.fromisoformat(doc["date"])
+    assert doc["command"].startswith("python -m bench overhead --model tiny")
+    assert set(doc["config"]) == CONFIG_KEYS
+    assert doc["config"]["batch"] == 2 and doc["config"]["seq_len"] == 32 and doc["config"]["threads"] == 1
+    assert doc["config"]["optimizer"] is None and doc["config"]["autocast"] == "none"
+    check_results(doc["results"], MODES)
+    # The table on stdout names every mode; no temporary file is left behind.
+    assert all(mode in proc.stdout for mode in MODES)
+    assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]
+
+
+def test_scaling_sweep_with_short_lists_and_optimizer(tmp_path, capsys, restore_threads):
+    out = tmp_path / "scaling.json"
+    args = ["overhead", "--model", "tiny", "--batch", "2", "--seq-len", "16", "--repeats", "1", "--warmup", "0",
+            "--threads", "1", "--scaling", "--scaling-T", "16,32", "--scaling-B", "2,3", "--optimizer",
+            "--json", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"device", "date", "command", "config", "points", "results"}
+    assert CONFIG_KEYS <= set(doc["config"]) and doc["config"]["optimizer"] == "adamw"
+    # (2, 16) is on both sweeps and is measured once.
+    assert [(p["batch"], p["seq_len"]) for p in doc["points"]] == [(2, 16), (2, 32), (3, 16)]
+    for point in doc["points"]:
+        check_results(point["results"], SCALING_MODES)
+    assert doc["results"] == doc["points"][0]["results"]  # readable by analysis.load_overhead
+    printed = capsys.readouterr().out
+    assert "T sweep at B=2" in printed and "B sweep at T=16" in printed
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--model", "huge"], "unknown model preset 'huge'"),
+        (["--modes", "reinforce,isopo_fast"], "unknown mode 'isopo_fast'"),
+        (["--batch", "0"], "--batch must be a positive integer"),
+        (["--batch", "-4"], "--batch must be a positive integer"),
+        (["--seq-len", "0"], "--seq-len must be at least 2"),
+        (["--batch", "two"], "invalid int value: 'two'"),
+        (["--dtype", "float8"], "unknown dtype 'float8'"),
+        (["--repeats", "0"], "--repeats must be a positive integer"),
+        (["--scaling", "--scaling-T", "64,x"], "--scaling-T must be a comma-separated list"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_options_give_one_clear_error_line_and_exit_2(args, fragment, capsys):
+    try:
+        rc = main(["overhead", *args])
+    except SystemExit as e:  # argparse's own checks (types, unknown flags) exit from inside parse_args
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    assert main(["overhead", "--device", "cuda", "--model", "tiny"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "CUDA is not available" in lines[0]
+
+
+# -- the hook-based baseline equals the efficient engine ---------------------------------------------------
+SPECS = [((3, 5, 2, 4), (4, 2, 6, 3)), ((2, 4, 3), (5, 3, 2))]  # two padded micro-batches
+
+
+def _two_steps(model, engine, batches, n_tok):
+    """Two optimizer steps (no update) of two micro-batches each: accumulation and the EMA both matter."""
+    out = []
+    with engine.installed():
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            for b in batches:
+                with engine.micro_batch(b["seq_ids"], b["advantages"]):
+                    logp = token_log_probs(model, b["input_ids"], b["attention_mask"])
+                    (-masked_sum(logp, b["response_mask"]) / n_tok).backward()
+            engine.end_step()
+            out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        IsopoConfig(setting="paper", num_samples=9, seed=3),  # K below the token count: a real subsample
+        IsopoConfig(setting="paper"),  # K = 250: every token
+        IsopoConfig(setting="rel_overlap", c_n=0.5, c_o=0.3, c_r=0.2, reg_form="keep_small_invariant",
+                    num_samples=7),
+        IsopoConfig(variant="interacting", setting=None, c_lambda=1.0),
+        IsopoConfig(variant="interacting", setting=None, c_lambda=0.05),
+    ],
+    ids=["ni-paper-K9", "ni-paper-K250", "ni-rel-overlap-reg", "int", "int-small-lambda"],
+)
+def test_hooks_baseline_matches_efficient_isopo_on_linear_weights(tie, cfg):
+    model = tiny_qwen3(tie=tie)
+    batches = [make_batch(10 + j, p, r) for j, (p, r) in enumerate(SPECS)]
+    n_tok = float(sum(b["response_mask"].sum() for b in batches))
+    efficient = _two_steps(model, Isopo(model, cfg), batches, n_tok)
+    hooks = _two_steps(model, HooksIsopo(model, cfg), batches, n_tok)
+
+    shared = {id(model.get_input_embeddings().weight)}
+    linear = [n + ".weight" for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and id(m.weight) not in shared]
+    assert len(linear) == 14 + (0 if tie else 1)
+    for step in range(2):
+        for name in linear:
+            e, h = efficient[step][name], hooks[step][name]
+            err = float((h - e).norm() / e.norm())
+            assert err < 1e-10, f"step {step}, {name}: relative error {err:.2e}"
+
+    if not tie:
+        # The reference code's quirk: non-Linear parameters keep the advantage-free gradient.
+        model.zero_grad(set_to_none=True)
+        for b in batches:
+            logp = token_log_probs(model, b["input_ids"], b["attention_mask"])
+            (-masked_sum(logp, b["response_mask"]) / n_tok).backward()
+        for name, p in model.named_parameters():
+            if name not in linear:
+                torch.testing.assert_close(hooks[1][name], p.grad, rtol=1e-12, atol=1e-14)
