@@ -146,9 +146,21 @@ def config_facts(config: dict) -> dict[str, str]:
     facts = {}
     for fact, names in aliases.items():
         found = _find_key(config, names)
+        if fact == "model" and isinstance(found, dict):
+            found = _describe_model(found)
         if found is not None:
             facts[fact] = _format_fact(found)
     return facts
+
+
+def _describe_model(model: dict) -> str:
+    """The trainer's model block in words: a preset with its shape, a local path, or the packaged SmolLM2."""
+    source = model.get("source")
+    if source == "preset":
+        return f"{model.get('preset')} preset (hidden {model.get('hidden_size')}, {model.get('num_layers')} layers)"
+    if source == "smollm2":
+        return "SmolLM2-135M-Instruct (GGUF)"
+    return str(model.get("path") or source)
 
 
 def _find_key(node: Any, names: tuple[str, ...]) -> Any:
