@@ -160,7 +160,8 @@ def _describe_model(model: dict) -> str:
         return f"{model.get('preset')} preset (hidden {model.get('hidden_size')}, {model.get('num_layers')} layers)"
     if source == "smollm2":
         return "SmolLM2-135M-Instruct (GGUF)"
-    return str(model.get("path") or source)
+    named = model.get("path") or model.get("name") or model.get("model_name") or model.get("model_id")
+    return str(named or source)
 
 
 def _find_key(node: Any, names: tuple[str, ...]) -> Any:
