@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from analysis.atomic import atomic_write
 from tasks import Task
 
 from .config import ModelConfig
@@ -83,7 +82,7 @@ def initial_policy(cfg: ModelConfig, task: Task, tokenizer, cache_dir: Path, dev
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
             warm_start(model, cfg, task, tokenizer, device)
-            _atomic_torch_save(model.state_dict(), path)
+            atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model.to(device)
 
 
@@ -100,18 +99,6 @@ def _warmstart_key(cfg: ModelConfig, task: Task, model) -> str:
 
 def _task_facts(task: Task) -> dict:
     return {k: v for k, v in vars(task).items() if isinstance(v, (int, float, str, bool))}
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def target_text(task: Task, example) -> str:
