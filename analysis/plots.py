@@ -16,7 +16,7 @@ from analysis.atomic import atomic_write
 from analysis.palette import algorithm_colors, order_algorithms
 from analysis.stability import spread_over_time
 
-STEP_LABEL = "training step (policy updates)"
+STEP_LABEL = "training step (rollout batches)"
 
 # name -> (column, y label, title, scale, log_y); scale turns fractions into percent; KL gets a log axis
 # because it spans orders of magnitude between algorithms.

@@ -22,7 +22,10 @@ drift (thermal, a neighbour's load) hits all modes alike. Each timed step is bra
 ``torch.cuda.synchronize`` on CUDA; the garbage collector is disabled during it (and run before the timed
 rounds and before the memory steps); installing and removing ISOPO or the hooks and zeroing the gradients
 are outside the timing, ISOPO's per-micro-batch bookkeeping (``Isopo.micro_batch``, ``end_step``) is inside.
-Reported: median, min and max seconds, and the ratio of medians to reinforce.
+Reported: median, min and max seconds, and the ratio of medians to reinforce. On CPU the heap policy
+(``--malloc``) defaults to ``retain``: glibc keeps freed blocks instead of unmapping them, as PyTorch's
+caching allocator does on CUDA, so no mode pays page faults for temporaries it already had last step;
+``system`` measures with glibc's defaults. Either way it applies to every mode alike and is recorded.
 
 Peak memory is measured in one extra, untimed step per mode after the timed rounds:
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (includes the model, its
@@ -70,6 +73,7 @@ MODELS = ("tiny", "small", "qwen3-0.6b")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TINY_VOCAB = 4096
 BASE = "reinforce"
+MALLOC_POLICIES = ("retain", "system")
 SEED = 0
 
 
@@ -97,6 +101,9 @@ class Options:
     scaling: bool = False
     scaling_t: list[int] | None = None
     scaling_b: list[int] | None = None
+    malloc: str = "retain"
+    """CPU heap policy: ``retain`` keeps freed memory in the process (as PyTorch's caching allocator does
+    on CUDA), ``system`` leaves glibc's defaults (large blocks mmap'd and returned at every free)."""
     command: str = "python -m bench overhead"
 
 
@@ -136,6 +143,8 @@ def validate(opts: Options) -> Options:
         raise OverheadError(f"--threads must be a positive integer; got {opts.threads}")
     if opts.num_samples < 1:
         raise OverheadError(f"--num-samples must be a positive integer; got {opts.num_samples}")
+    if opts.malloc not in MALLOC_POLICIES:
+        raise OverheadError(f"unknown --malloc {opts.malloc!r}; valid: {', '.join(MALLOC_POLICIES)}")
     if opts.modes is None:
         opts.modes = list(SCALING_MODES if opts.scaling else MODES)
     unknown = [m for m in opts.modes if m not in MODES]
@@ -180,6 +189,20 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def set_malloc_policy(policy: str) -> bool:
+    """``retain``: glibc serves every block from the heap and never trims it, so a step's temporaries reuse
+    the previous step's pages instead of mmap-ing fresh, zero-filled ones (page faults that would otherwise
+    cost every mode a share of its time that grows with its temporaries). Returns whether it took effect."""
+    if policy == "system":
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameter numbers from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 class RssSampler:
@@ -417,6 +440,7 @@ def config_dict(opts: Options) -> dict:
         "dtype": opts.dtype,
         "autocast": opts.autocast,
         "threads": torch.get_num_threads(),
+        "malloc": opts.malloc if opts.device == "cpu" else None,
         "repeats": opts.repeats,
         "warmup": opts.warmup,
         "num_samples": opts.num_samples,
@@ -473,6 +497,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _heap_note(opts: Options) -> str:
+    return f", heap {opts.malloc}" if opts.device == "cpu" else ""
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
 
@@ -482,6 +510,9 @@ def run(opts: Options) -> int:
     opts = validate(opts)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
+    if opts.device == "cpu" and not set_malloc_policy(opts.malloc):
+        _log(f"overhead: could not set the heap policy {opts.malloc!r} (not glibc?); measuring with the system's")
+        opts.malloc = "system"
     return run_scaling(opts) if opts.scaling else run_single(opts)
 
 
@@ -499,7 +530,7 @@ def run_single(opts: Options) -> int:
     write_json(path, doc)
     print(f"{doc['device']}, {opts.model}, B={opts.batch}, T={opts.seq_len}, dtype {opts.dtype}, autocast "
           f"{opts.autocast}, {doc['config']['threads']} thread(s), optimizer {doc['config']['optimizer']}, "
-          f"K={opts.num_samples}, median of {opts.repeats}")
+          f"K={opts.num_samples}, median of {opts.repeats}{_heap_note(opts)}")
     print(format_table(results))
     print(f"wall {time.perf_counter() - start:.1f} s; wrote {path}")
     return 0
@@ -532,7 +563,7 @@ def run_scaling(opts: Options) -> int:
         write_json(path, doc)  # after every point, so a long sweep keeps what it has
     print(f"{doc['device']}, {opts.model}, dtype {opts.dtype}, autocast {opts.autocast}, "
           f"{config['threads']} thread(s), optimizer {config['optimizer']}, K={opts.num_samples}, "
-          f"median of {opts.repeats}; ratio of median step time to {BASE} (peak-memory ratio)")
+          f"median of {opts.repeats}{_heap_note(opts)}; ratio of median step time to {BASE} (peak-memory ratio)")
     print(format_scaling(opts.modes, "T", f"T sweep at B={opts.batch}",
                          [(t, measured.get((opts.batch, t))) for t in opts.scaling_t]))
     print(format_scaling(opts.modes, "B", f"B sweep at T={opts.seq_len}",

@@ -354,12 +354,16 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def logits_start(batch: TrainBatch) -> int:
+    """The first column any row's response is predicted from: the LM head runs from there on only."""
+    return int(batch.response_mask.any(0).long().argmax()) if bool(batch.response_mask.any()) else 0
+
+
 def token_log_probs(
     model: torch.nn.Module,
     batch: TrainBatch,
     temperature: float,
     with_entropy: bool = False,
-    keep_prompt_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (R, S) of ``batch.targets`` under log_softmax(logits / temperature), and optionally the
     entropy (R, S) of that distribution. Runs with autograd as the caller has it (the trainer backprops).
@@ -369,10 +373,7 @@ def token_log_probs(
     skips the LM head (and its (R, S, V) output) over the prompts.
     """
     temp = 1.0 if temperature == 0 else float(temperature)
-    first = int(batch.response_mask.any(0).long().argmax()) if bool(batch.response_mask.any()) else 0
-    if keep_prompt_logits:
-        # ISOPO needs the LM head to see every position of the micro-batch's token layout.
-        first = 0
+    first = logits_start(batch)
     kwargs = {"logits_to_keep": batch.input_ids.shape[1] - first} if _accepts_logits_to_keep(model) else {}
     logits = model(
         input_ids=batch.input_ids,

@@ -30,7 +30,7 @@ from tasks import Task, get_task
 
 from .config import ConfigError, RunConfig
 from .policy import initial_policy, load_policy_tokenizer
-from .rollout import SamplingConfig, TrainBatch, generate, to_train_batch, token_log_probs
+from .rollout import SamplingConfig, TrainBatch, generate, logits_start, to_train_batch, token_log_probs
 
 METRIC_COLUMNS = [
     "val_acc", "reward_mean", "reward_std", "kl", "entropy", "grad_norm", "clip_frac", "response_len", "loss",
@@ -281,10 +281,13 @@ class Trainer:
         mask = part.response_mask.float()
         scope = self.autocast or nullcontext()
         if self.isopo is not None:
-            with self.isopo.micro_batch(part.seq_ids, seq_adv):
+            first = logits_start(part)
+            rows, cols = part.seq_ids.shape
+            # The LM head sees only columns first..S-1 (token_log_probs keeps logits from there on).
+            views = [torch.arange(rows * cols, device=part.seq_ids.device).view(rows, cols)[:, first:]] if first else []
+            with self.isopo.micro_batch(part.seq_ids, seq_adv, views=views):
                 with scope:
-                    logp, ent = token_log_probs(self.model, part, self.run.temperature, with_entropy=True,
-                                                keep_prompt_logits=True)
+                    logp, ent = token_log_probs(self.model, part, self.run.temperature, with_entropy=True)
                 # The advantage-free loss: ISOPO puts the advantages into every layer's gradient itself.
                 loss = agg(-logp, mask)
                 loss.backward()

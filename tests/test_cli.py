@@ -29,8 +29,23 @@ def bench(*args: str, out_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def bench_in_process(*args: str, out_dir: Path, capsys) -> subprocess.CompletedProcess:
+    """The same command through ``bench.__main__.main`` in this process: no interpreter start and no
+    torch/transformers import per case. An exception that escapes main fails the test as a traceback would."""
+    from bench.__main__ import main
+
+    argv = [*args, f"sweep.out_dir={out_dir}"] if args and args[0] == "run" else list(args)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "bench", *argv], code, captured.out, captured.err)
+
+
 def assert_one_clear_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
+    assert result.returncode not in (0, None)
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -89,18 +104,26 @@ def test_gsm8k_pipeline_end_to_end_with_a_model_loaded_from_disk(tmp_path, tiny_
         (["run", "--config", "/no/such/config.yaml"], ["config file not found"]),
     ],
 )
-def test_bad_input_gets_one_clear_message(tmp_path, args, fragments):
-    assert_one_clear_error(bench(*args, out_dir=tmp_path), *fragments)
+def test_bad_input_gets_one_clear_message(tmp_path, capsys, args, fragments):
+    assert_one_clear_error(bench_in_process(*args, out_dir=tmp_path, capsys=capsys), *fragments)
 
 
-def test_malformed_jsonl_names_file_and_line(tmp_path, tiny_gsm8k_model):
+def test_bad_input_from_a_real_process_is_one_line_and_exit_2(tmp_path):
+    # The one case that goes through the interpreter: the exit status and stderr a shell sees.
+    result = bench("run", "sweep.algorithms=[grpo,trpo]", out_dir=tmp_path)
+    assert result.returncode == 2
+    assert_one_clear_error(result, "unknown algorithm 'trpo'")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, capsys, tiny_gsm8k_model):
     data = tmp_path / "data"
     data.mkdir()
     good = '{"question": "What is 1+1?", "answer": "1+1=2\\n#### 2"}\n'
     (data / "train.jsonl").write_text(good * 3 + '{"question": "broken", "answer": \n' + good)
     (data / "test.jsonl").write_text(good * 4)
-    result = bench("run", *GSM8K_TINY, "sweep.algorithms=[grpo]", "run.model.source=path",
-                   f"run.model.path={tiny_gsm8k_model}", f"run.task_options.data_dir={data}", out_dir=tmp_path)
+    result = bench_in_process("run", *GSM8K_TINY, "sweep.algorithms=[grpo]", "run.model.source=path",
+                              f"run.model.path={tiny_gsm8k_model}", f"run.task_options.data_dir={data}",
+                              out_dir=tmp_path, capsys=capsys)
     assert_one_clear_error(result, "train.jsonl", "4")
 
 

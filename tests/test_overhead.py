@@ -21,8 +21,8 @@ from bench.overhead import MODES, SCALING_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
-CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "repeats", "warmup", "num_samples",
-               "optimizer", "torch_version"}
+CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "repeats", "warmup",
+               "num_samples", "optimizer", "torch_version"}
 RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "peak_mib", "peak_ratio_vs_reinforce"}
 
 
@@ -57,6 +57,7 @@ def test_cli_writes_json_of_the_exact_schema_with_every_mode(tmp_path):
     assert set(doc["config"]) == CONFIG_KEYS
     assert doc["config"]["batch"] == 2 and doc["config"]["seq_len"] == 32 and doc["config"]["threads"] == 1
     assert doc["config"]["optimizer"] is None and doc["config"]["autocast"] == "none"
+    assert doc["config"]["malloc"] == "retain" and "heap retain" in proc.stdout
     check_results(doc["results"], MODES)
     # The table on stdout names every mode; no temporary file is left behind.
     assert all(mode in proc.stdout for mode in MODES)
@@ -67,7 +68,7 @@ def test_scaling_sweep_with_short_lists_and_optimizer(tmp_path, capsys, restore_
     out = tmp_path / "scaling.json"
     args = ["overhead", "--model", "tiny", "--batch", "2", "--seq-len", "16", "--repeats", "1", "--warmup", "0",
             "--threads", "1", "--scaling", "--scaling-T", "16,32", "--scaling-B", "2,3", "--optimizer",
-            "--json", str(out)]
+            "--malloc", "system", "--json", str(out)]  # in-process: leave pytest's own heap policy alone
     assert main(args) == 0
     doc = json.loads(out.read_text())
     assert set(doc) >= {"device", "date", "command", "config", "points", "results"}
@@ -94,6 +95,7 @@ def test_scaling_sweep_with_short_lists_and_optimizer(tmp_path, capsys, restore_
         (["--repeats", "0"], "--repeats must be a positive integer"),
         (["--scaling", "--scaling-T", "64,x"], "--scaling-T must be a comma-separated list"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--malloc", "jemalloc"], "unknown --malloc 'jemalloc'"),
     ],
 )
 def test_bad_options_give_one_clear_error_line_and_exit_2(args, fragment, capsys):

@@ -32,17 +32,18 @@ def _mix(*values: int) -> int:
 
 
 @dataclass
-class MicroBatch:
-    """Per-token bookkeeping of one micro-batch, shared by every patched layer."""
+class TokenLayout:
+    """How one activation shape maps its positions to sequences.
 
-    seq_ids: torch.Tensor
-    """Sequence of each token position (the activations' leading shape); -1 marks padding."""
-    advantages: torch.Tensor
-    """A_i, one per sequence."""
-    num_seqs: int
-    """B, the number of sequences."""
+    The micro-batch's input has the main layout; a layer may see another one (a view): the trainer's LM
+    head, for instance, runs only from the first response column. Every field is indexed by the positions of
+    THIS layout, flattened row-major.
+    """
+
+    shape: tuple[int, ...]
+    """The activations' leading shape in this layout."""
     token_mask: torch.Tensor
-    """(n_tokens,) 1.0 at valid positions, flattened row-major."""
+    """(n_tokens,) 1.0 at valid positions."""
     has_padding: bool
     """Whether any position is padding (when none is, the backward skips every masking step)."""
     token_adv: torch.Tensor
@@ -50,14 +51,73 @@ class MicroBatch:
     token_seq: torch.Tensor
     """(n_tokens,) sequence of each position, padding mapped to 0 (always used together with token_mask)."""
     samples: torch.Tensor
-    """(n_layers, K) flat token positions of each layer's overlap sample."""
+    """(n_layers, K) positions of each layer's overlap sample; n_tokens (one past the end) where a sampled
+    token of the main layout is not in this view: it reads as a zero row, as its δ is zero there."""
+    samples_may_miss: bool
+    """Whether some sample is n_tokens (the backward then gathers from a zero-padded copy)."""
     pad_index: torch.Tensor | None
-    """(B, T_max) flat position of each sequence's tokens, n_tokens where padded; None when each row of a
+    """(B, T_max) position of each sequence's tokens, n_tokens where padded; None when each row of a
     2-D layout is exactly one sequence (row r holds sequence r), the common case that needs no gather."""
     seq_len_max: int
-    """T_max, the longest sequence (the padded per-sequence length used by the statistics)."""
+    """T_max, the per-sequence length the statistics use (the row length when pad_index is None)."""
+
+    @property
+    def n_tokens(self) -> int:
+        return self.token_mask.numel()
+
+
+def _layout(seq_ids: torch.Tensor, advantages: torch.Tensor, counts: torch.Tensor, samples: torch.Tensor,
+            samples_may_miss: bool) -> TokenLayout:
+    """The bookkeeping of one layout; counts = valid tokens per sequence, samples already in its positions."""
+    device, dtype = seq_ids.device, advantages.dtype
+    num_seqs = advantages.numel()
+    flat = seq_ids.reshape(-1)
+    valid = flat >= 0
+    token_adv = torch.where(valid, advantages[flat.clamp(min=0)], torch.zeros((), dtype=dtype, device=device))
+    rows = torch.arange(seq_ids.shape[0], device=device).unsqueeze(1) if seq_ids.dim() == 2 else None
+    row_layout = (
+        rows is not None and seq_ids.shape[0] == num_seqs and bool(((seq_ids == rows) | (seq_ids < 0)).all())
+    )
+    pad_index = None
+    seq_len_max = seq_ids.shape[-1]
+    if not row_layout:
+        # Scatter each sequence's tokens, in order, into a (B, T_max) table of flat positions.
+        valid_pos = valid.nonzero().squeeze(1)
+        valid_seq = flat[valid_pos]
+        seq_len_max = int(counts.max())
+        order = torch.argsort(valid_seq, stable=True)
+        sorted_seq = valid_seq[order]
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(sorted_seq.numel(), device=device) - starts[sorted_seq]
+        pad_index = torch.full((num_seqs, seq_len_max), flat.numel(), dtype=torch.long, device=device)
+        pad_index[sorted_seq, slot] = valid_pos[order]
+    return TokenLayout(
+        shape=tuple(seq_ids.shape),
+        token_mask=valid.to(dtype),
+        has_padding=not bool(valid.all()),
+        token_adv=token_adv,
+        token_seq=flat.clamp(min=0),
+        samples=samples,
+        samples_may_miss=samples_may_miss,
+        pad_index=pad_index,
+        seq_len_max=seq_len_max,
+    )
+
+
+@dataclass
+class MicroBatch:
+    """Per-token bookkeeping of one micro-batch, shared by every patched layer."""
+
+    seq_ids: torch.Tensor
+    """Sequence of each input position (the main layout's shape); -1 marks padding."""
+    advantages: torch.Tensor
+    """A_i, one per sequence."""
+    num_seqs: int
+    """B, the number of sequences."""
     index: int
     """Micro-batch number within the current optimizer step."""
+    layouts: list[TokenLayout]
+    """The main layout first, then the views added with ``add_view``."""
 
     @classmethod
     def build(
@@ -85,43 +145,59 @@ class MicroBatch:
                 f"seq_ids name sequence {int(flat.max())} but only {num_seqs} advantages were given"
             )
         valid_pos = valid.nonzero().squeeze(1)
-        valid_seq = flat[valid_pos]
-        counts = torch.bincount(valid_seq, minlength=num_seqs)
+        counts = torch.bincount(flat[valid_pos], minlength=num_seqs)
         if bool((counts == 0).any()):
             raise ValueError("every sequence of an ISOPO micro-batch needs at least one valid token")
-        seq_len_max = int(counts.max())
-
+        sample_rank = draw_overlap_samples(valid_pos.numel(), k, n_layers, seed, step, index).to(device)
         adv = advantages.to(device=device, dtype=dtype)
-        token_adv = torch.where(valid, adv[flat.clamp(min=0)], torch.zeros((), dtype=dtype, device=device))
+        main = _layout(seq_ids, adv, counts, valid_pos[sample_rank], samples_may_miss=False)
+        return cls(seq_ids=seq_ids, advantages=adv, num_seqs=num_seqs, index=index, layouts=[main])
 
-        rows = torch.arange(seq_ids.shape[0], device=device).unsqueeze(1) if seq_ids.dim() == 2 else None
-        row_layout = (
-            rows is not None
-            and seq_ids.shape[0] == num_seqs
-            and bool(((seq_ids == rows) | (seq_ids < 0)).all())
-        )
-        pad_index = None
-        if not row_layout:
-            # Scatter each sequence's tokens, in order, into a (B, T_max) table of flat positions.
-            order = torch.argsort(valid_seq, stable=True)
-            sorted_seq = valid_seq[order]
-            starts = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(sorted_seq.numel(), device=device) - starts[sorted_seq]
-            pad_index = torch.full((num_seqs, seq_len_max), flat.numel(), dtype=torch.long, device=device)
-            pad_index[sorted_seq, slot] = valid_pos[order]
+    @property
+    def main(self) -> TokenLayout:
+        return self.layouts[0]
 
-        n_valid = valid_pos.numel()
-        sample_rank = draw_overlap_samples(n_valid, k, n_layers, seed, step, index).to(device)
-        return cls(
-            seq_ids=seq_ids,
-            advantages=adv,
-            num_seqs=num_seqs,
-            token_mask=valid.to(dtype),
-            has_padding=valid_pos.numel() < flat.numel(),
-            token_adv=token_adv,
-            token_seq=flat.clamp(min=0),
-            samples=valid_pos[sample_rank],
-            pad_index=pad_index,
-            seq_len_max=seq_len_max if pad_index is not None else seq_ids.shape[-1],
-            index=index,
-        )
+    def add_view(self, positions: torch.Tensor) -> TokenLayout:
+        """Register another layout: ``positions`` (any shape) holds, for each of its positions, the flat
+        index of the main-layout position it shows. Layers whose activations have ``positions.shape`` as
+        leading shape then use it. Positions left out must carry no gradient (δ = 0 there), as the prompt
+        columns before the first response token do for the LM head."""
+        positions = positions.to(self.seq_ids.device).long()
+        shape = tuple(positions.shape)
+        n_main = self.main.n_tokens
+        if any(layout.shape == shape for layout in self.layouts):
+            raise ValueError(f"an ISOPO micro-batch already has a token layout of shape {shape}")
+        flat_pos = positions.reshape(-1)
+        if flat_pos.numel() == 0 or int(flat_pos.min()) < 0 or int(flat_pos.max()) >= n_main:
+            raise ValueError(f"view positions must lie in [0, {n_main}), the main layout's positions")
+        if int(torch.bincount(flat_pos, minlength=n_main).max()) > 1:
+            raise ValueError("view positions must not repeat a position")
+        view_seq = self.seq_ids.reshape(-1)[flat_pos].view(shape)
+        valid = view_seq.reshape(-1) >= 0
+        if not bool(valid.any()):
+            raise ValueError("an ISOPO view needs at least one valid token")
+        counts = torch.bincount(view_seq.reshape(-1)[valid], minlength=self.num_seqs)
+        n_view = flat_pos.numel()
+        # Main position -> view position; positions outside the view map to n_view, a zero row.
+        inverse = torch.full((n_main,), n_view, dtype=torch.long, device=flat_pos.device)
+        inverse[flat_pos] = torch.arange(n_view, device=flat_pos.device)
+        samples = inverse[self.main.samples]
+        layout = _layout(view_seq, self.advantages, counts, samples, bool((samples == n_view).any()))
+        self.layouts.append(layout)
+        return layout
+
+    def layout_for(self, lead_shape: torch.Size | tuple[int, ...]) -> TokenLayout | None:
+        """The layout whose shape is exactly ``lead_shape``, or None."""
+        lead_shape = tuple(lead_shape)
+        for layout in self.layouts:
+            if layout.shape == lead_shape:
+                return layout
+        return None
+
+    def layout_prefix_of(self, shape: torch.Size | tuple[int, ...]) -> TokenLayout | None:
+        """The layout whose shape starts ``shape`` (e.g. (B, T) for per-head activations (B, T, H, D))."""
+        shape = tuple(shape)
+        for layout in self.layouts:
+            if shape[: len(layout.shape)] == layout.shape:
+                return layout
+        return None

@@ -16,6 +16,7 @@ REINFORCE gradient Σ_i A_i g_i.
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from torch import nn
 from .batch import MicroBatch
 from .config import IsopoConfig
 from .linear import IsopoLinearFunction
-from .params import ReinforceParamsForward
+from .params import ReinforceGainForward, ReinforceParamsForward, is_gain_module
 from .weights import LayerEma
 
 
@@ -74,7 +75,8 @@ class Isopo:
                 continue
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 self._patched.append((module, vars(module).get("forward")))
-                module.forward = ReinforceParamsForward(module, module.forward, self.active)
+                replacement = ReinforceGainForward if is_gain_module(module) else ReinforceParamsForward
+                module.forward = replacement(module, module.forward, self.active)
 
     def remove(self) -> None:
         for module, previous in reversed(self._patched):
@@ -97,9 +99,10 @@ class Isopo:
         return self._active
 
     @contextmanager
-    def micro_batch(self, seq_ids: torch.Tensor, advantages: torch.Tensor):
+    def micro_batch(self, seq_ids: torch.Tensor, advantages: torch.Tensor, views: Sequence[torch.Tensor] = ()):
         """seq_ids: the sequence of every input position (shape of input_ids), −1 for padding; advantages:
-        one per sequence. Keep the backward of this micro-batch's loss inside the block."""
+        one per sequence; views: other token layouts some layers see, each as the flat input positions it
+        shows (``MicroBatch.add_view``). Keep the backward of this micro-batch's loss inside the block."""
         dtype = next(self.model.parameters()).dtype
         mb = MicroBatch.build(
             seq_ids,
@@ -111,6 +114,8 @@ class Isopo:
             index=self._micro_index,
             dtype=torch.float64 if dtype == torch.float64 else torch.float32,
         )
+        for positions in views:
+            mb.add_view(positions)
         self._active = mb
         try:
             yield mb
@@ -131,6 +136,13 @@ def _make_linear_forward(engine: Isopo, layer: LinearLayer):
         mb = engine.active()
         if mb is None or not torch.is_grad_enabled():
             return F.linear(x, module.weight, module.bias)
-        return IsopoLinearFunction.apply(x, module.weight, module.bias, layer, mb)
+        layout = mb.layout_for(x.shape[:-1])
+        if layout is None:
+            shapes = ", ".join(str(lay.shape) for lay in mb.layouts)
+            raise RuntimeError(
+                f"ISOPO layer {layer.name}: activations of shape {tuple(x.shape)} match no token layout of the "
+                f"micro-batch ({shapes}); register the layer's positions with micro_batch(..., views=[...])"
+            )
+        return IsopoLinearFunction.apply(x, module.weight, module.bias, layer, mb, layout)
 
     return forward

@@ -17,13 +17,13 @@ from .statistics import choose_strategy, layer_stats
 from .weights import interacting_weights, non_interacting_weights
 
 if TYPE_CHECKING:
-    from .batch import MicroBatch
+    from .batch import MicroBatch, TokenLayout
     from .engine import LinearLayer
 
 
 class IsopoLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layer: LinearLayer, mb: MicroBatch):
+    def forward(ctx, x, weight, bias, layer: LinearLayer, mb: MicroBatch, layout: TokenLayout):
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # Cast once here and keep the low-precision copies, as autocast's own linear would.
@@ -33,56 +33,56 @@ class IsopoLinearFunction(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             out = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.mb, ctx.has_bias = layer, mb, bias is not None
+        ctx.layer, ctx.mb, ctx.layout, ctx.has_bias = layer, mb, layout, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        layer, mb = ctx.layer, ctx.mb
+        layer, mb, layout = ctx.layer, ctx.mb, ctx.layout
         with torch.autocast(grad_out.device.type, enabled=False):
             grad_out = grad_out.to(weight.dtype)
             grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-            grad_w = isopo_weight_grad(x, grad_out, layer, mb) if ctx.needs_input_grad[1] else None
+            grad_w = isopo_weight_grad(x, grad_out, layer, mb, layout) if ctx.needs_input_grad[1] else None
             grad_b = None
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 d_flat = grad_out.reshape(-1, grad_out.shape[-1])
-                grad_b = mb.token_adv.to(d_flat.dtype) @ d_flat  # biases take the REINFORCE gradient
-        return grad_x, grad_w, grad_b, None, None
+                grad_b = layout.token_adv.to(d_flat.dtype) @ d_flat  # biases take the REINFORCE gradient
+        return grad_x, grad_w, grad_b, None, None, None
 
 
-def isopo_weight_grad(x: torch.Tensor, d: torch.Tensor, layer: LinearLayer, mb: MicroBatch) -> torch.Tensor:
+def isopo_weight_grad(
+    x: torch.Tensor, d: torch.Tensor, layer: LinearLayer, mb: MicroBatch, layout: TokenLayout
+) -> torch.Tensor:
     cfg = layer.cfg
     d_in, d_out = x.shape[-1], d.shape[-1]
-    lead = mb.seq_ids.shape
-    if x.shape[:-1] != lead:
-        raise RuntimeError(
-            f"ISOPO layer {layer.name}: activations of shape {tuple(x.shape)} do not match the micro-batch's "
-            f"token layout {tuple(lead)}"
-        )
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x_flat = x.reshape(-1, d_in)
     d_flat = d.reshape(-1, d_out)
-    b, t = mb.num_seqs, mb.seq_len_max
+    b, t = mb.num_seqs, layout.seq_len_max
 
     # Zero the padding in whichever operand is narrower: every statistic is a sum of δ_t a_tᵀ products.
-    if mb.has_padding:
-        mask = mb.token_mask.to(x.dtype).unsqueeze(1)
+    if layout.has_padding:
+        mask = layout.token_mask.to(x.dtype).unsqueeze(1)
         if d_in <= d_out:
             x_flat = x_flat * mask
         else:
             d_flat = d_flat * mask
-    if mb.pad_index is None:
+    if layout.pad_index is None:
         a3, d3 = x_flat.view(b, t, d_in), d_flat.view(b, t, d_out)
     else:
-        a3 = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])[mb.pad_index]
-        d3 = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])[mb.pad_index]
+        a3 = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])[layout.pad_index]
+        d3 = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])[layout.pad_index]
 
     interacting = cfg.variant == "interacting"
     a_k = d_k = None
     if not interacting:
-        positions = mb.samples[layer.index]
-        a_k, d_k = x_flat[positions], d_flat[positions]
+        positions = layout.samples[layer.index]
+        if layout.samples_may_miss:  # a sample outside this view reads a zero row (its δ is zero there)
+            a_k = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])[positions]
+            d_k = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])[positions]
+        else:
+            a_k, d_k = x_flat[positions], d_flat[positions]
     k = 0 if interacting else a_k.shape[0]
     strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, interacting)
     chunk_elems = max(1, cfg.chunk_bytes // x.element_size())
@@ -102,7 +102,7 @@ def isopo_weight_grad(x: torch.Tensor, d: torch.Tensor, layer: LinearLayer, mb: 
     if stats.per_seq_grad is not None:
         g = stats.per_seq_grad
         return (w.to(g.dtype) @ g.reshape(b, -1)).view(d_out, d_in)
-    token_w = w.to(d.dtype)[mb.token_seq]
-    if mb.has_padding:
-        token_w = token_w * mb.token_mask.to(d.dtype)
+    token_w = w.to(d.dtype)[layout.token_seq]
+    if layout.has_padding:
+        token_w = token_w * layout.token_mask.to(d.dtype)
     return (d_flat * token_w.unsqueeze(1)).t() @ x_flat

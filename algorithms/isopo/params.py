@@ -1,9 +1,14 @@
 """Parameters that are not nn.Linear weights (norm gains, embeddings, ...) take the REINFORCE gradient.
 
 The backward pass carries the advantage-free δ. Sequences do not interact, so the REINFORCE signal at any
-token is A_{s(t)} δ_t; a module's parameters get it by running the module twice in the forward pass: once
-with frozen parameters (the path the input gradient takes) and once on detached inputs with the output
-gradient scaled per token (the path the parameter gradient takes). The output value is unchanged.
+token is A_{s(t)} δ_t. Two ways to give a module's parameters that signal without touching its input gradient:
+
+- Gains (an RMSNorm's ``weight * normalised(x)``): the gain enters the forward expanded to one copy per
+  token, a stride-0 view that costs no memory; its backward contracts the per-token gradients with A_{s(t)}
+  (one matrix-vector product). One forward, the module's own.
+- Anything else (embeddings, LayerNorm with a bias, ...): the module runs twice in the forward pass, once
+  with frozen parameters (the path the input gradient takes) and once on detached inputs with the output
+  gradient scaled per token (the path the parameter gradient takes). The output value is unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +21,16 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 if TYPE_CHECKING:
-    from .batch import MicroBatch
+    from .batch import MicroBatch, TokenLayout
+
+
+def is_gain_module(module: torch.nn.Module) -> bool:
+    """An RMSNorm in the transformers style: one 1-D ``weight`` that multiplies the normalised input
+    elementwise (``variance_epsilon`` marks the family: Llama, Qwen, Mistral, ...)."""
+    params = dict(module.named_parameters(recurse=False))
+    return (
+        list(params) == ["weight"] and params["weight"].dim() == 1 and hasattr(module, "variance_epsilon")
+    )
 
 
 class TokenGradScale(torch.autograd.Function):
@@ -34,6 +48,24 @@ class TokenGradScale(torch.autograd.Function):
         return grad * scale.view(shape).to(grad.dtype), None
 
 
+class PerTokenParam(torch.autograd.Function):
+    """Forward: the parameter expanded to ``shape`` (no copy). Backward: Σ_t token_adv[t] · grad[t], the
+    per-token gradients (leading dimensions = the layout, then any per-head dimensions) contracted with
+    the advantages."""
+
+    @staticmethod
+    def forward(ctx, param, token_adv, shape):
+        ctx.save_for_backward(token_adv)
+        return param.expand(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token_adv,) = ctx.saved_tensors
+        per_token = grad.reshape(token_adv.numel(), -1)
+        summed = token_adv.to(per_token.dtype) @ per_token
+        return summed.view(-1, grad.shape[-1]).sum(0), None, None
+
+
 def _detach(value):
     return value.detach() if isinstance(value, torch.Tensor) else value
 
@@ -42,8 +74,8 @@ def _needs_grad(value) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
-class ReinforceParamsForward:
-    """Replacement forward of a module that owns parameters but is not an nn.Linear."""
+class _Replacement:
+    """A module's replacement forward: the original one when no micro-batch is active."""
 
     def __init__(self, module: torch.nn.Module, original: Callable, active: Callable[[], MicroBatch | None]):
         self.module = module
@@ -55,24 +87,61 @@ class ReinforceParamsForward:
         mb = self.active()
         if mb is None or self._reentered or not torch.is_grad_enabled():
             return self.original(*args, **kwargs)
-        scale = mb.token_adv.view(mb.seq_ids.shape)
-        params = dict(self.module.named_parameters(recurse=False))
-        inputs_need_grad = any(_needs_grad(v) for v in list(args) + list(kwargs.values()))
         self._reentered = True  # functional_call goes through module.__call__, i.e. back into this method
         try:
-            param_path = functional_call(
-                self.module, params, tree_map(_detach, args), tree_map(_detach, kwargs), tie_weights=False
-            )
-            if not isinstance(param_path, torch.Tensor) or param_path.shape[: scale.dim()] != scale.shape:
-                raise RuntimeError(
-                    f"ISOPO: {type(self.module).__name__} must return one tensor whose shape starts with the "
-                    f"micro-batch's token layout {tuple(scale.shape)}"
-                )
-            if not inputs_need_grad:
-                return TokenGradScale.apply(param_path, scale)
-            input_path = functional_call(
-                self.module, {k: p.detach() for k, p in params.items()}, args, kwargs, tie_weights=False
-            )
+            return self.reinforce_forward(mb, args, kwargs)
         finally:
             self._reentered = False
+
+    def _layout(self, mb: MicroBatch, shape: torch.Size) -> TokenLayout:
+        layout = mb.layout_prefix_of(shape)
+        if layout is None:
+            shapes = ", ".join(str(lay.shape) for lay in mb.layouts)
+            raise RuntimeError(
+                f"ISOPO: {type(self.module).__name__} works on a tensor of shape {tuple(shape)} that starts "
+                f"with none of the micro-batch's token layouts ({shapes})"
+            )
+        return layout
+
+    def reinforce_forward(self, mb: MicroBatch, args, kwargs):
+        raise NotImplementedError
+
+
+class ReinforceGainForward(_Replacement):
+    """One forward with the gain expanded per token (see the module docstring)."""
+
+    def reinforce_forward(self, mb, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        weight = self.module.weight
+        if x.shape[-1] != weight.numel():
+            raise RuntimeError(
+                f"ISOPO: {type(self.module).__name__} has a gain of size {weight.numel()} but its input has "
+                f"shape {tuple(x.shape)}"
+            )
+        layout = self._layout(mb, x.shape)
+        per_token = PerTokenParam.apply(weight, layout.token_adv, x.shape)
+        out = functional_call(self.module, {"weight": per_token}, args, kwargs, tie_weights=False)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            raise RuntimeError(f"ISOPO: {type(self.module).__name__} must return one tensor shaped like its input")
+        return out
+
+
+class ReinforceParamsForward(_Replacement):
+    """Two forwards, one per gradient path (see the module docstring)."""
+
+    def reinforce_forward(self, mb, args, kwargs):
+        params = dict(self.module.named_parameters(recurse=False))
+        inputs_need_grad = any(_needs_grad(v) for v in list(args) + list(kwargs.values()))
+        param_path = functional_call(
+            self.module, params, tree_map(_detach, args), tree_map(_detach, kwargs), tie_weights=False
+        )
+        if not isinstance(param_path, torch.Tensor):
+            raise RuntimeError(f"ISOPO: {type(self.module).__name__} must return one tensor")
+        layout = self._layout(mb, param_path.shape)
+        scale = layout.token_adv.view(layout.shape)
+        if not inputs_need_grad:
+            return TokenGradScale.apply(param_path, scale)
+        input_path = functional_call(
+            self.module, {k: p.detach() for k, p in params.items()}, args, kwargs, tie_weights=False
+        )
         return input_path + (TokenGradScale.apply(param_path, scale) - param_path.detach())
