@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -155,14 +158,12 @@ def load_model(
     ``path`` is a folder, or a .gguf file, or a folder with ``gguf_file`` naming a file inside it.
     """
     folder, gguf_file = _resolve(path, gguf_file, "model")
-    if gguf_file is None and not (folder / "config.json").is_file():
+    if gguf_file is not None:
+        folder, gguf_file = gguf_converted(folder / gguf_file), None
+    if not (folder / "config.json").is_file():
         raise ModelPathError(f"model folder has no config.json: {folder}")
     model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        gguf_file=gguf_file,
-        dtype=dtype,
-        attn_implementation=ATTN_IMPLEMENTATION,
-        local_files_only=True,
+        folder, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True
     )
     return model.eval()
 
@@ -170,7 +171,44 @@ def load_model(
 def load_tokenizer(path: str | Path, gguf_file: str | None = None):
     """The tokenizer stored with a local folder or inside a GGUF file (same path rules as ``load_model``)."""
     folder, gguf_file = _resolve(path, gguf_file, "tokenizer")
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
+    if gguf_file is not None:
+        folder = gguf_converted(folder / gguf_file)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def cache_root() -> Path:
+    """``$ISOPO_BENCH_CACHE``, else ``$XDG_CACHE_HOME/isopo-bench``, else ``~/.cache/isopo-bench``."""
+    if os.environ.get("ISOPO_BENCH_CACHE"):
+        return Path(os.environ["ISOPO_BENCH_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "isopo-bench"
+
+
+def gguf_converted(gguf: Path) -> Path:
+    """A folder holding the GGUF file's model (dequantised, float32 safetensors) and tokenizer, converted
+    once and kept under ``cache_root()``: transformers' GGUF reader takes ~25 s per load on a 2-core CPU
+    (most of it parsing metadata), a safetensors folder about one. The folder is keyed by the file's name,
+    size and modification time and appears atomically (built aside, then renamed), so concurrent runs at
+    worst convert twice and never read half a folder."""
+    stat = gguf.stat()
+    target = cache_root() / "gguf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
+        model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True).save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process got there first; its folder is as good as ours
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def find_smollm2_gguf() -> Path | None:

