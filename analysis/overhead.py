@@ -9,7 +9,7 @@ import pandas as pd
 
 BASE_MODE = "reinforce"
 COLUMNS = ["group", "device", "date", "source", "mode", "median_s", "min_s", "max_s", "time_ratio",
-           "peak_mib", "mem_ratio"]
+           "paired_ratio", "peak_mib", "mem_ratio"]
 
 
 def overhead_table(docs: list[dict]) -> pd.DataFrame:
@@ -30,6 +30,8 @@ def overhead_table(docs: list[dict]) -> pd.DataFrame:
                 "mode": mode, "median_s": float(res["median_s"]), "min_s": float(res["min_s"]),
                 "max_s": float(res["max_s"]),
                 "time_ratio": _ratio(res, base, "ratio_vs_reinforce", "median_s"),
+                # Median of per-round ratios; absent from files written before it existed.
+                "paired_ratio": float(res.get("paired_ratio_median", np.nan)),
                 "peak_mib": float(res["peak_mib"]),
                 "mem_ratio": _ratio(res, base, "peak_ratio_vs_reinforce", "peak_mib"),
             })

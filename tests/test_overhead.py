@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
 CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "repeats", "warmup",
                "num_samples", "optimizer", "torch_version"}
-RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "peak_mib", "peak_ratio_vs_reinforce"}
+RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "peak_mib",
+               "peak_ratio_vs_reinforce"}
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def check_results(results: dict, modes) -> None:
         assert set(r) == RESULT_KEYS, mode
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"], mode
         assert r["ratio_vs_reinforce"] > 0 and r["peak_mib"] > 0 and r["peak_ratio_vs_reinforce"] > 0, mode
-    assert results["reinforce"]["ratio_vs_reinforce"] == 1.0
+    assert results["reinforce"]["ratio_vs_reinforce"] == 1.0 and results["reinforce"]["paired_ratio_median"] == 1.0
     assert results["reinforce"]["peak_ratio_vs_reinforce"] == 1.0
 
 
