@@ -64,7 +64,7 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk_elems, stat_dtype) -> Layer
     b, _, d_in = a.shape
     d_out = d.shape[-1]
     chunk = max(1, min(d_out, chunk_elems // max(1, b * d_in)))
-    n_sq = torch.zeros(b, dtype=stat_dtype, device=a.device)
+    n_sq = None if interacting else torch.zeros(b, dtype=stat_dtype, device=a.device)
     overlap_num = None if interacting else torch.zeros(b, a_k.shape[0], dtype=stat_dtype, device=a.device)
     ntk = torch.zeros(b, b, dtype=stat_dtype, device=a.device) if interacting else None
     g = None
@@ -72,16 +72,18 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk_elems, stat_dtype) -> Layer
         hi = min(d_out, lo + chunk)
         g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): the per-sequence gradients
         flat = g.reshape(b, -1)
-        n_sq += torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype) ** 2
         if interacting:
             flat = flat.to(stat_dtype)
-            ntk += flat @ flat.t()
+            ntk += flat @ flat.t()  # N_i² is its diagonal: one pass over G fewer
         else:
+            n_sq += torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype) ** 2
             # δ_kᵀ G_i a_k over this chunk of output rows. δ_kᵀ G_i first: (K, out) @ (B, out, in) runs at
             # matmul speed, while G_i a_k then a reduction over `out` of a (B, out, K) product ran at half
             # of it (measured on CPU, every layer shape of the `small` preset).
             dg = torch.matmul(d_k[:, lo:hi], g)  # (B, K, in)
             overlap_num += (dg.to(stat_dtype) * a_k.to(stat_dtype)).sum(2)
+    if interacting:
+        n_sq = ntk.diagonal().clone()
     whole = chunk >= d_out
     return LayerStats(n_sq=n_sq, overlap_num=overlap_num, ntk=ntk, per_seq_grad=g if whole else None)
 
