@@ -186,6 +186,10 @@ class MicroBatch:
         self.layouts.append(layout)
         return layout
 
+    def layout_shapes(self) -> str:
+        """The layouts' shapes, for error messages."""
+        return ", ".join(str(layout.shape) for layout in self.layouts)
+
     def layout_for(self, lead_shape: torch.Size | tuple[int, ...]) -> TokenLayout | None:
         """The layout whose shape is exactly ``lead_shape``, or None."""
         lead_shape = tuple(lead_shape)

@@ -138,10 +138,9 @@ def _make_linear_forward(engine: Isopo, layer: LinearLayer):
             return F.linear(x, module.weight, module.bias)
         layout = mb.layout_for(x.shape[:-1])
         if layout is None:
-            shapes = ", ".join(str(lay.shape) for lay in mb.layouts)
             raise RuntimeError(
                 f"ISOPO layer {layer.name}: activations of shape {tuple(x.shape)} match no token layout of the "
-                f"micro-batch ({shapes}); register the layer's positions with micro_batch(..., views=[...])"
+                f"micro-batch ({mb.layout_shapes()}); register the layer's positions with micro_batch(..., views=[...])"
             )
         return IsopoLinearFunction.apply(x, module.weight, module.bias, layer, mb, layout)
 

@@ -96,10 +96,9 @@ class _Replacement:
     def _layout(self, mb: MicroBatch, shape: torch.Size) -> TokenLayout:
         layout = mb.layout_prefix_of(shape)
         if layout is None:
-            shapes = ", ".join(str(lay.shape) for lay in mb.layouts)
             raise RuntimeError(
                 f"ISOPO: {type(self.module).__name__} works on a tensor of shape {tuple(shape)} that starts "
-                f"with none of the micro-batch's token layouts ({shapes})"
+                f"with none of the micro-batch's token layouts ({mb.layout_shapes()})"
             )
         return layout
 
