@@ -50,11 +50,12 @@ def _grads(model, cfg, batches, sliced: bool):
     "cfg",
     [
         IsopoConfig(setting="paper", num_samples=7, seed=5),
+        IsopoConfig(setting="paper", num_samples=1, seed=0),
         IsopoConfig(setting="overlap", num_samples=1000),
         IsopoConfig(setting="paper", num_samples=7, seed=5, strategy="gram"),
         IsopoConfig(variant="interacting", setting=None),
     ],
-    ids=["paper-K7", "overlap-all-positions", "paper-gram", "interacting"],
+    ids=["paper-K7", "paper-K1", "overlap-all-positions", "paper-gram", "interacting"],
 )
 def test_lm_head_on_the_response_columns_equals_the_full_layout(cfg):
     batches = [make_batch(11, PROMPTS, RESPONSES), make_batch(12, PROMPTS[::-1], RESPONSES)]
@@ -62,11 +63,20 @@ def test_lm_head_on_the_response_columns_equals_the_full_layout(cfg):
     full, _ = _grads(model, cfg, batches, sliced=False)
     sliced, layouts = _grads(model, cfg, batches, sliced=True)
     for name in full:
-        torch.testing.assert_close(sliced[name], full[name], rtol=1e-12, atol=1e-12, msg=name)
-    # The LM head really saw a narrower layout, and (for the sampled settings) a sample fell outside it.
+        # Dropping the samples outside the view changes the summation order: float64 rounding of the layer's
+        # own scale (paper weights N²/O³ reach 1e6 on this tiny random model).
+        scale = float(full[name].abs().max())
+        torch.testing.assert_close(sliced[name], full[name], rtol=1e-12, atol=1e-12 * max(scale, 1.0))
+    # The LM head really saw a narrower layout, and (for the sampled settings) the view dropped the samples
+    # that fell outside it; with K = 1 some layer's whole sample did.
     assert all(len(lay) == 2 and lay[1].shape[1] < lay[0].shape[1] for lay in layouts)
     if cfg.variant == "non_interacting" and cfg.num_samples < 100:
-        assert any(lay[1].samples_may_miss for lay in layouts)
+        assert any(lay[1].samples_dropped > 0 for lay in layouts)
+        for lay in layouts:
+            kept = sum(len(s) for s in lay[1].samples)
+            assert kept + lay[1].samples_dropped == lay[0].samples.numel()
+    if cfg.num_samples == 1:
+        assert any(len(s) == 0 for lay in layouts for s in lay[1].samples)
 
 
 def test_a_layer_outside_every_layout_gets_one_clear_error():

@@ -50,11 +50,13 @@ class TokenLayout:
     """(n_tokens,) A_{s(t)} at valid positions and 0 at padding: the REINFORCE per-token gradient scale."""
     token_seq: torch.Tensor
     """(n_tokens,) sequence of each position, padding mapped to 0 (always used together with token_mask)."""
-    samples: torch.Tensor
-    """(n_layers, K) positions of each layer's overlap sample; n_tokens (one past the end) where a sampled
-    token of the main layout is not in this view: it reads as a zero row, as its δ is zero there."""
-    samples_may_miss: bool
-    """Whether some sample is n_tokens (the backward then gathers from a zero-padded copy)."""
+    samples: torch.Tensor | list[torch.Tensor]
+    """Positions of each layer's overlap sample, indexed by layer: (n_layers, K) in the main layout. A view
+    keeps, per layer, only the sampled positions it shows: a sampled token outside it has δ = 0 in this
+    layer, so it adds nothing to the overlap's numerator or denominator, and dropping it before the
+    backward saves its share of the overlap matmul with no data-dependent shape inside the backward."""
+    samples_dropped: int
+    """How many sampled positions, over all layers, this view left out (0 for the main layout)."""
     pad_index: torch.Tensor | None
     """(B, T_max) position of each sequence's tokens, n_tokens where padded; None when each row of a
     2-D layout is exactly one sequence (row r holds sequence r), the common case that needs no gather."""
@@ -66,8 +68,8 @@ class TokenLayout:
         return self.token_mask.numel()
 
 
-def _layout(seq_ids: torch.Tensor, advantages: torch.Tensor, counts: torch.Tensor, samples: torch.Tensor,
-            samples_may_miss: bool) -> TokenLayout:
+def _layout(seq_ids: torch.Tensor, advantages: torch.Tensor, counts: torch.Tensor,
+            samples: torch.Tensor | list[torch.Tensor], samples_dropped: int) -> TokenLayout:
     """The bookkeeping of one layout; counts = valid tokens per sequence, samples already in its positions."""
     device, dtype = seq_ids.device, advantages.dtype
     num_seqs = advantages.numel()
@@ -98,7 +100,7 @@ def _layout(seq_ids: torch.Tensor, advantages: torch.Tensor, counts: torch.Tenso
         token_adv=token_adv,
         token_seq=flat.clamp(min=0),
         samples=samples,
-        samples_may_miss=samples_may_miss,
+        samples_dropped=samples_dropped,
         pad_index=pad_index,
         seq_len_max=seq_len_max,
     )
@@ -150,7 +152,7 @@ class MicroBatch:
             raise ValueError("every sequence of an ISOPO micro-batch needs at least one valid token")
         sample_rank = draw_overlap_samples(valid_pos.numel(), k, n_layers, seed, step, index).to(device)
         adv = advantages.to(device=device, dtype=dtype)
-        main = _layout(seq_ids, adv, counts, valid_pos[sample_rank], samples_may_miss=False)
+        main = _layout(seq_ids, adv, counts, valid_pos[sample_rank], samples_dropped=0)
         return cls(seq_ids=seq_ids, advantages=adv, num_seqs=num_seqs, index=index, layouts=[main])
 
     @property
@@ -178,11 +180,13 @@ class MicroBatch:
             raise ValueError("an ISOPO view needs at least one valid token")
         counts = torch.bincount(view_seq.reshape(-1)[valid], minlength=self.num_seqs)
         n_view = flat_pos.numel()
-        # Main position -> view position; positions outside the view map to n_view, a zero row.
-        inverse = torch.full((n_main,), n_view, dtype=torch.long, device=flat_pos.device)
+        # Main position -> view position, -1 outside the view.
+        inverse = torch.full((n_main,), -1, dtype=torch.long, device=flat_pos.device)
         inverse[flat_pos] = torch.arange(n_view, device=flat_pos.device)
-        samples = inverse[self.main.samples]
-        layout = _layout(view_seq, self.advantages, counts, samples, bool((samples == n_view).any()))
+        mapped = inverse[self.main.samples]
+        samples = [row[row >= 0] for row in mapped]
+        dropped = int((mapped < 0).sum())
+        layout = _layout(view_seq, self.advantages, counts, samples, dropped)
         self.layouts.append(layout)
         return layout
 

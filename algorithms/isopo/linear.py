@@ -69,20 +69,17 @@ def isopo_weight_grad(
         else:
             d_flat = d_flat * mask
     interacting = cfg.variant == "interacting"
-    samples_may_miss = not interacting and layout.samples_may_miss
-    if layout.pad_index is not None or samples_may_miss:
-        # One zero row appended: where pad_index marks padding and where a sample lies outside this view.
-        x_pad = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])
-        d_pad = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])
     if layout.pad_index is None:
         a3, d3 = x_flat.view(b, t, d_in), d_flat.view(b, t, d_out)
     else:
-        a3, d3 = x_pad[layout.pad_index], d_pad[layout.pad_index]
+        # One zero row appended, which pad_index reads at padding.
+        a3 = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])[layout.pad_index]
+        d3 = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])[layout.pad_index]
 
     a_k = d_k = None
     if not interacting:
         positions = layout.samples[layer.index]
-        a_k, d_k = (x_pad[positions], d_pad[positions]) if samples_may_miss else (x_flat[positions], d_flat[positions])
+        a_k, d_k = x_flat[positions], d_flat[positions]
     k = 0 if interacting else a_k.shape[0]
     strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, interacting)
     chunk_elems = max(1, cfg.chunk_bytes // x.element_size())
