@@ -105,6 +105,9 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--num-samples", type=int, default=250, help="ISOPO's K overlap samples (default: 250)")
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step in each timed step")
+    p.add_argument("--lm-head", dest="lm_head", default="all",
+                   help="all (logits at every position; default) or response (from the first response-predicting "
+                   "column on, as the trainer runs it)")
     p.add_argument("--malloc", default="retain",
                    help="CPU heap policy: retain (freed memory stays in the process, as with CUDA's caching "
                    "allocator; default) or system (glibc's defaults)")
@@ -132,7 +135,7 @@ def _overhead(args, argv: list[str]) -> int:
         scaling=args.scaling,
         scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,
         scaling_b=parse_int_list(args.scaling_b, "--scaling-B") if args.scaling_b is not None else None,
-        malloc=args.malloc,
+        malloc=args.malloc, lm_head=args.lm_head,
         command=shlex.join(["python", "-m", "bench", *argv]),
     )
     return run(opts)

@@ -20,7 +20,10 @@ weight gradients with the efficient engine exactly):
 - the EMA is kept simple but follows the specification: one running mean per layer and statistic, fed
   once per micro-batch, folded into the EMA by ``end_step()`` (decay ``cfg.ema_decay``, the first fold sets
   it) and read as the current micro-batch's value before the first fold. Interacting: λ = c_λ·EMA(tr K / B);
-- a Linear bias gets the REINFORCE gradient Σ_i A_i Σ_{t∈i} δ_t (as the engine; Qwen3 has no biases).
+- a Linear bias gets the REINFORCE gradient Σ_i A_i Σ_{t∈i} δ_t (as the engine; Qwen3 has no biases);
+- a layer that sees only the last T' columns of the (B, T) input (an LM head run from the first response
+  column) maps its tokens to those columns; the sampled positions outside them are left out, as in the
+  engine's token-layout views (δ is zero there).
 
 Quirks kept from the reference code (they change gradients, not the timing):
 
@@ -184,17 +187,19 @@ class HooksIsopo:
                 raise RuntimeError(f"hooks baseline: layer {name} saw no forward or backward in this micro-batch")
             d = rec.d.reshape(-1, rec.d.shape[-1])
             a = rec.a.reshape(-1, rec.a.shape[-1]).to(d.dtype)  # autocast: the precision the layer ran in
+            layer_seq_pos, layer_sample = seq_pos, samples[li]
             if a.shape[0] != flat_ids.numel():
-                raise RuntimeError(f"hooks baseline: layer {name} saw {a.shape[0]} tokens, the micro-batch has "
-                                   f"{flat_ids.numel()}")
+                inverse = _suffix_inverse(seq_ids.shape, tuple(rec.a.shape[:-1]), name, a.device)
+                layer_seq_pos = [inverse[idx][inverse[idx] >= 0] for idx in seq_pos]
+                layer_sample = inverse[layer_sample][inverse[layer_sample] >= 0]
             stat = torch.float64 if a.dtype == torch.float64 else torch.float32
             adv = advantages.to(device=a.device, dtype=stat)
 
-            g = [d[idx].t() @ a[idx] for idx in seq_pos]  # G_i = Σ_{t∈i} δ_t a_tᵀ, one sequence at a time
+            g = [d[idx].t() @ a[idx] for idx in layer_seq_pos]  # G_i = Σ_{t∈i} δ_t a_tᵀ, one sequence at a time
             if cfg.variant == "interacting":
                 w = self._interacting(li, g, adv)
             else:
-                w = self._non_interacting(li, g, adv, a, d, samples[li])
+                w = self._non_interacting(li, g, adv, a, d, layer_sample)
 
             update = torch.zeros_like(g[0])
             for i in range(b):
@@ -211,8 +216,8 @@ class HooksIsopo:
                 done.add(id(weight))
             if module.bias is not None and module.bias.grad is not None:
                 # Biases: REINFORCE, Σ_i A_i Σ_{t∈i} δ_t, replacing this micro-batch's advantage-free part.
-                free = sum(d[idx].sum(0) for idx in seq_pos)
-                reinforce = sum(adv[i].to(d.dtype) * d[idx].sum(0) for i, idx in enumerate(seq_pos))
+                free = sum(d[idx].sum(0) for idx in layer_seq_pos)
+                reinforce = sum(adv[i].to(d.dtype) * d[idx].sum(0) for i, idx in enumerate(layer_seq_pos))
                 module.bias.grad = module.bias.grad - free.to(module.bias.dtype) + reinforce.to(module.bias.dtype)
 
     def _non_interacting(self, li, g, adv, a, d, sample) -> torch.Tensor:
@@ -254,3 +259,15 @@ class HooksIsopo:
         eye = torch.eye(b, dtype=ntk.dtype, device=ntk.device)
         w = lam * torch.linalg.solve(ntk + lam * eye, adv.unsqueeze(1)).squeeze(1)
         return torch.where(lam > 0, w, adv)
+
+
+def _suffix_inverse(shape: torch.Size, lead: tuple[int, ...], name: str, device) -> torch.Tensor:
+    """Input position -> this layer's token, −1 outside, for a layer that saw the last columns of a (B, T)
+    input; one clear error for any other shape."""
+    if len(shape) != 2 or len(lead) != 2 or lead[0] != shape[0] or not 0 < lead[1] <= shape[1]:
+        raise RuntimeError(f"hooks baseline: layer {name} saw activations of leading shape {lead}; it maps only "
+                           f"the input's {tuple(shape)} or its last columns")
+    rows, cols = shape
+    inverse = torch.full((rows, cols), -1, dtype=torch.long, device=device)
+    inverse[:, cols - lead[1]:] = torch.arange(rows * lead[1], device=device).view(rows, lead[1])
+    return inverse.reshape(-1)

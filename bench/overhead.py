@@ -12,10 +12,11 @@ row, response = the second half (the loss mask); no padding. Modes:
   and full backward hooks, ordinary backward, then a Python loop over sequences per layer); settings paper /
   interacting with c_λ = 1.
 
-Every mode computes the logits at every position, so all of them do the same forward work (the hook
-baseline maps activations to sequences through the input's layout). The trainer instead runs the LM head
-from the first response column for every algorithm (ISOPO through a token-layout view); this benchmark does
-not, which makes its base step somewhat longer than the trainer's.
+``--lm-head all`` (the default): every mode computes the logits at every position, so all of them do the
+same forward work. ``--lm-head response``: every mode runs the LM head from the first column that predicts a
+response token (T/2 − 1) on, as the trainer does (``logits_to_keep``; ISOPO through a token-layout view, the
+hook baseline by mapping the LM head's tokens to the last columns) — the step the trainer really takes, with
+a shorter base step.
 
 Method. All modes share one model (and one AdamW). After ``--warmup`` rounds, the ``--repeats`` timed
 rounds are interleaved: each round runs every mode once (round-robin, the starting mode rotating), so
@@ -60,6 +61,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from algorithms.isopo import Isopo, IsopoConfig
+
 MODES = (
     "reinforce",
     "isopo_ni:paper",
@@ -77,6 +80,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TINY_VOCAB = 4096
 BASE = "reinforce"
 MALLOC_POLICIES = ("retain", "system")
+LM_HEADS = ("all", "response")
 SEED = 0
 
 
@@ -104,6 +108,8 @@ class Options:
     scaling: bool = False
     scaling_t: list[int] | None = None
     scaling_b: list[int] | None = None
+    lm_head: str = "all"
+    """``all``: logits at every position; ``response``: from the first response-predicting column on."""
     malloc: str = "retain"
     """CPU heap policy: ``retain`` keeps freed memory in the process (as PyTorch's caching allocator does
     on CUDA), ``system`` leaves glibc's defaults (large blocks mmap'd and returned at every free)."""
@@ -146,6 +152,8 @@ def validate(opts: Options) -> Options:
         raise OverheadError(f"--threads must be a positive integer; got {opts.threads}")
     if opts.num_samples < 1:
         raise OverheadError(f"--num-samples must be a positive integer; got {opts.num_samples}")
+    if opts.lm_head not in LM_HEADS:
+        raise OverheadError(f"unknown --lm-head {opts.lm_head!r}; valid: {', '.join(LM_HEADS)}")
     if opts.malloc not in MALLOC_POLICIES:
         raise OverheadError(f"unknown --malloc {opts.malloc!r}; valid: {', '.join(MALLOC_POLICIES)}")
     if opts.modes is None:
@@ -266,14 +274,19 @@ class Batch:
     seq_ids: torch.Tensor
     advantages: torch.Tensor
     targets: torch.Tensor
-    """(B, T): the next token at each position (0 at the last, which carries no weight)."""
+    """(B, T − first): the next token at each position the LM head runs on (0 at the last, which carries no
+    weight)."""
     reinforce_weight: torch.Tensor
-    """(B, T): A_{s(t)} / n_response_tokens at positions that predict a response token, else 0."""
+    """(B, T − first): A_{s(t)} / n_response_tokens at positions that predict a response token, else 0."""
     free_weight: torch.Tensor
-    """(B, T): 1 / n_response_tokens at the same positions (the advantage-free loss)."""
+    """(B, T − first): 1 / n_response_tokens at the same positions (the advantage-free loss)."""
+    first: int = 0
+    """The first column the LM head runs on (0 under ``--lm-head all``)."""
+    views: tuple[torch.Tensor, ...] = ()
+    """ISOPO's token-layout view of the LM head's columns when ``first`` > 0."""
 
 
-def make_batch(batch: int, seq_len: int, vocab: int, device: str, seed: int = SEED) -> Batch:
+def make_batch(batch: int, seq_len: int, vocab: int, device: str, seed: int = SEED, lm_head: str = "all") -> Batch:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 10_007 + seq_len)
     input_ids = torch.randint(3, vocab, (batch, seq_len), generator=gen)
     advantages = torch.randn(batch, generator=gen)
@@ -283,18 +296,23 @@ def make_batch(batch: int, seq_len: int, vocab: int, device: str, seed: int = SE
     n_resp = float(mask.sum())
     targets = torch.cat([input_ids[:, 1:], torch.zeros(batch, 1, dtype=input_ids.dtype)], 1)
     seq_ids = torch.arange(batch).unsqueeze(1).expand(batch, seq_len).contiguous()
+    first = prompt - 1 if lm_head == "response" else 0
+    views = (torch.arange(batch * seq_len).view(batch, seq_len)[:, first:].to(device),) if first else ()
     return Batch(
         input_ids=input_ids.to(device),
         seq_ids=seq_ids.to(device),
         advantages=advantages.to(device),
-        targets=targets.to(device),
-        reinforce_weight=(mask * advantages.unsqueeze(1) / n_resp).to(device),
-        free_weight=(mask / n_resp).to(device),
+        targets=targets[:, first:].to(device),
+        reinforce_weight=(mask * advantages.unsqueeze(1) / n_resp)[:, first:].to(device),
+        free_weight=(mask / n_resp)[:, first:].to(device),
+        first=first,
+        views=views,
     )
 
 
 def _loss(model: nn.Module, batch: Batch, weight: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, use_cache=False).logits
+    keep = batch.input_ids.shape[1] - batch.first if batch.first else 0  # 0: every position
+    logits = model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=keep).logits
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     logp = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
@@ -305,8 +323,6 @@ class Mode:
     """One mode's update step; ``begin``/``end`` (untimed) bracket each ``step`` (timed)."""
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int):
-        from algorithms.isopo import Isopo, IsopoConfig
-
         from .hooks_baseline import HooksIsopo
 
         self.name = name
@@ -341,7 +357,9 @@ class Mode:
                 loss = _loss(self.model, batch, batch.reinforce_weight)
             loss.backward()
         else:
-            with self.engine.micro_batch(batch.seq_ids, batch.advantages):
+            # The hook baseline finds the LM head's columns from its activations' shape instead.
+            views = {"views": batch.views} if batch.views and isinstance(self.engine, Isopo) else {}
+            with self.engine.micro_batch(batch.seq_ids, batch.advantages, **views):
                 with self.autocast():
                     loss = _loss(self.model, batch, batch.free_weight)
                 loss.backward()
@@ -472,6 +490,7 @@ def config_dict(opts: Options) -> dict:
         "autocast": opts.autocast,
         "threads": torch.get_num_threads(),
         "malloc": opts.malloc if opts.device == "cpu" else None,
+        "lm_head": opts.lm_head,
         "repeats": opts.repeats,
         "warmup": opts.warmup,
         "num_samples": opts.num_samples,
@@ -530,7 +549,8 @@ def _log(msg: str) -> None:
 
 
 def _heap_note(opts: Options) -> str:
-    return f", heap {opts.malloc}" if opts.device == "cpu" else ""
+    heap = f", heap {opts.malloc}" if opts.device == "cpu" else ""
+    return f"{heap}, LM head on {'every position' if opts.lm_head == 'all' else 'the response columns'}"
 
 
 def _now() -> str:
@@ -552,7 +572,7 @@ def run_single(opts: Options) -> int:
     path = Path(opts.json or f"results/overhead/{opts.model}-{opts.device}-B{opts.batch}-T{opts.seq_len}.json")
     model, vocab = build(opts, opts.seq_len)
     modes = make_modes(opts, model)
-    batch = make_batch(opts.batch, opts.seq_len, vocab, opts.device)
+    batch = make_batch(opts.batch, opts.seq_len, vocab, opts.device, lm_head=opts.lm_head)
     _log(f"overhead: {opts.model} on {opts.device}, B={opts.batch} T={opts.seq_len}, "
          f"{len(modes)} modes, {opts.warmup} warm-up + {opts.repeats} timed rounds")
     start = time.perf_counter()
@@ -582,7 +602,7 @@ def run_scaling(opts: Options) -> int:
     start = time.perf_counter()
     for b, t in grid:
         _log(f"scaling: B={b} T={t} ({len(measured) + 1}/{len(grid)})")
-        batch = make_batch(b, t, vocab, opts.device)
+        batch = make_batch(b, t, vocab, opts.device, lm_head=opts.lm_head)
         measured[(b, t)] = measure(modes, batch, opts.device, opts.repeats, opts.warmup)
         del batch
         doc["points"].append({"batch": b, "seq_len": t, "results": public(measured[(b, t)])})

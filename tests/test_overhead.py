@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -17,12 +18,13 @@ from isopo_fixtures import make_batch, masked_sum, tiny_qwen3, token_log_probs
 from algorithms.isopo import Isopo, IsopoConfig
 from bench.__main__ import main
 from bench.hooks_baseline import HooksIsopo
-from bench.overhead import MODES, SCALING_MODES
+from bench.overhead import MODES, SCALING_MODES, Mode
+from bench.overhead import make_batch as overhead_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
-CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "repeats", "warmup",
-               "num_samples", "optimizer", "torch_version"}
+CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "lm_head", "repeats",
+               "warmup", "num_samples", "optimizer", "torch_version"}
 RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "peak_mib",
                "peak_ratio_vs_reinforce"}
 
@@ -59,6 +61,7 @@ def test_cli_writes_json_of_the_exact_schema_with_every_mode(tmp_path):
     assert doc["config"]["batch"] == 2 and doc["config"]["seq_len"] == 32 and doc["config"]["threads"] == 1
     assert doc["config"]["optimizer"] is None and doc["config"]["autocast"] == "none"
     assert doc["config"]["malloc"] == "retain" and "heap retain" in proc.stdout
+    assert doc["config"]["lm_head"] == "all" and "LM head on every position" in proc.stdout
     check_results(doc["results"], MODES)
     # The table on stdout names every mode; no temporary file is left behind.
     assert all(mode in proc.stdout for mode in MODES)
@@ -97,6 +100,7 @@ def test_scaling_sweep_with_short_lists_and_optimizer(tmp_path, capsys, restore_
         (["--scaling", "--scaling-T", "64,x"], "--scaling-T must be a comma-separated list"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["--malloc", "jemalloc"], "unknown --malloc 'jemalloc'"),
+        (["--lm-head", "prompt"], "unknown --lm-head 'prompt'"),
     ],
 )
 def test_bad_options_give_one_clear_error_line_and_exit_2(args, fragment, capsys):
@@ -115,6 +119,29 @@ def test_cuda_without_cuda_is_a_clear_error(capsys):
     assert main(["overhead", "--device", "cuda", "--model", "tiny"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "CUDA is not available" in lines[0]
+
+
+def test_every_mode_takes_the_same_gradient_with_the_lm_head_on_the_response_columns_only():
+    """--lm-head response skips the LM head over the prompt, where the loss has no weight: every mode's step
+    must give exactly the gradients of the full-width step (ISOPO through a view that drops the overlap
+    samples it does not show, the hook baseline through its column mapping)."""
+    model = tiny_qwen3(seed=1, tie=False)
+    vocab = model.config.vocab_size
+    full, sliced = overhead_batch(3, 16, vocab, "cpu"), overhead_batch(3, 16, vocab, "cpu", lm_head="response")
+    assert sliced.first == 7 and sliced.free_weight.shape == (3, 9) and len(sliced.views) == 1
+    for name in MODES:
+        grads = []
+        for batch in (full, sliced):
+            mode = Mode(name, model, None, nullcontext, num_samples=20)
+            mode.begin()
+            mode.step(batch)
+            mode.end()
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        for param in grads[0]:
+            expected = grads[0][param]
+            scale = max(float(expected.abs().max()), 1.0)
+            torch.testing.assert_close(grads[1][param], expected, rtol=1e-10, atol=1e-12 * scale,
+                                       msg=lambda m, name=name, param=param: f"{name} {param}: {m}")
 
 
 # -- the hook-based baseline equals the efficient engine ---------------------------------------------------
