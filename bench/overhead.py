@@ -33,12 +33,14 @@ caching allocator does on CUDA, so no mode pays page faults for temporaries it a
 Peak memory is measured in one extra, untimed step per mode after the timed rounds:
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (includes the model, its
   gradients and everything alive during the step);
-- CPU: the process's peak resident set size during the step. ``ru_maxrss`` only ever grows, so a background
-  thread samples the RSS (psutil) every ~1 ms during that step and the maximum is kept. Freed heap is handed
+- CPU: the process's peak resident set size during the step: the kernel's high-water mark (VmHWM, reset
+  through /proc/self/clear_refs just before the step), so even a temporary that lives for microseconds
+  counts; where that file is not writable, a background thread samples the RSS (psutil) every ~1 ms
+  instead (the JSON's ``config.peak_memory`` says which). Freed heap is handed
   back to the OS (``malloc_trim``) before each mode's step so that one mode's garbage does not count against
   the next. The figure is absolute (interpreter, libraries and model included); the printed table also
-  shows ``step_MiB``, the growth during the step. The sampler runs only in the memory step, never in the
-  timed ones. Under ``--malloc retain`` the memory step switches glibc to mmap every block of 128 KiB or
+  shows ``step_MiB``, the growth during the step. The measurement runs only in the memory step, never in
+  the timed ones. Under ``--malloc retain`` the memory step switches glibc to mmap every block of 128 KiB or
   more (and back afterwards), so that the resident size follows live memory rather than the retained heap.
 """
 
@@ -232,8 +234,16 @@ def set_malloc_policy(policy: str) -> bool:
     return ok
 
 
-class RssSampler:
-    """Peak resident set size of this process while the block runs, sampled every ``interval`` seconds."""
+class PeakRss:
+    """Peak resident set size of this process while the block runs.
+
+    On Linux the kernel's own high-water mark: writing 5 to /proc/self/clear_refs resets VmHWM to the current
+    RSS, and VmHWM after the block is the exact peak, however short-lived (a sampler can miss a temporary
+    that lives for less than its interval). Where that file cannot be written, a thread samples the RSS
+    (psutil) every ``interval`` seconds instead."""
+
+    _STATUS = "/proc/self/status"
+    _CLEAR_REFS = "/proc/self/clear_refs"
 
     def __init__(self, interval: float = 0.001):
         import psutil
@@ -242,8 +252,27 @@ class RssSampler:
         self.interval = interval
         self.start_rss = 0
         self.peak = 0
+        self.exact = False
+        """Whether the peak is the kernel's high-water mark (else sampled)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def _kernel_hwm(cls) -> int:
+        with open(cls._STATUS, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise OSError("no VmHWM line")
+
+    def _reset_kernel_hwm(self) -> bool:
+        try:
+            with open(self._CLEAR_REFS, "w", encoding="ascii") as f:
+                f.write("5")
+            self._kernel_hwm()
+            return True
+        except OSError:
+            return False
 
     def _sample(self) -> None:
         rss = self._proc.memory_info().rss
@@ -254,17 +283,29 @@ class RssSampler:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> PeakRss:
+        self.exact = self._reset_kernel_hwm()
         self.start_rss = self._proc.memory_info().rss
         self.peak = self.start_rss
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        if not self.exact:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.exact:
+            self.peak = max(self.peak, self._kernel_hwm())
+            return
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._sample()
+
+
+def peak_memory_method(device: str) -> str:
+    if device == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    return "VmHWM" if PeakRss()._reset_kernel_hwm() else "rss sampled every 1 ms"
 
 
 # -- the update step of each mode ------------------------------------------------------------------------
@@ -407,7 +448,7 @@ def _memory(mode: Mode, batch: Batch, device: str) -> tuple[float, float]:
                 set_malloc_policy("measure")
             try:
                 _malloc_trim()
-                with RssSampler() as sampler:
+                with PeakRss() as sampler:
                     mode.step(batch)
             finally:
                 if timing_policy == "retain":
@@ -491,6 +532,7 @@ def config_dict(opts: Options) -> dict:
         "threads": torch.get_num_threads(),
         "malloc": opts.malloc if opts.device == "cpu" else None,
         "lm_head": opts.lm_head,
+        "peak_memory": peak_memory_method(opts.device),
         "repeats": opts.repeats,
         "warmup": opts.warmup,
         "num_samples": opts.num_samples,

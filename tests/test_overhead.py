@@ -18,13 +18,14 @@ from isopo_fixtures import make_batch, masked_sum, tiny_qwen3, token_log_probs
 from algorithms.isopo import Isopo, IsopoConfig
 from bench.__main__ import main
 from bench.hooks_baseline import HooksIsopo
-from bench.overhead import MODES, SCALING_MODES, Mode
+from bench.overhead import MODES, SCALING_MODES, Mode, PeakRss, set_malloc_policy
+from bench.overhead import _heap as overhead_heap
 from bench.overhead import make_batch as overhead_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
-CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "lm_head", "repeats",
-               "warmup", "num_samples", "optimizer", "torch_version"}
+CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "lm_head", "peak_memory",
+               "repeats", "warmup", "num_samples", "optimizer", "torch_version"}
 RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "peak_mib",
                "peak_ratio_vs_reinforce"}
 
@@ -119,6 +120,20 @@ def test_cuda_without_cuda_is_a_clear_error(capsys):
     assert main(["overhead", "--device", "cuda", "--model", "tiny"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "CUDA is not available" in lines[0]
+
+
+def test_peak_rss_counts_a_temporary_that_lives_for_microseconds():
+    """The CPU memory step reads the kernel's high-water mark where it can: exact, however short the peak."""
+    previous = overhead_heap["policy"]
+    set_malloc_policy("measure")  # large blocks mmap'd: freeing one really lowers the RSS again
+    try:
+        with PeakRss() as rss:
+            block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+            del block
+        assert rss.peak - rss.start_rss >= 60 * 2**20, (rss.peak - rss.start_rss) / 2**20
+        assert rss.exact == os.access("/proc/self/clear_refs", os.W_OK)
+    finally:
+        set_malloc_policy(previous)
 
 
 def test_every_mode_takes_the_same_gradient_with_the_lm_head_on_the_response_columns_only():
