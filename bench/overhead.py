@@ -30,7 +30,8 @@ each round's own ratio (``paired``; robust to drift in the machine's speed durin
 caching allocator does on CUDA, so no mode pays page faults for temporaries it already had last step;
 ``system`` measures with glibc's defaults. Either way it applies to every mode alike and is recorded.
 
-Peak memory is measured in one extra, untimed step per mode after the timed rounds:
+Peak memory is measured in extra, untimed steps after the timed rounds: one per mode on CUDA, three
+interleaved rounds on CPU (the median is reported):
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (includes the model, its
   gradients and everything alive during the step);
 - CPU: the process's peak resident set size during the step: the kernel's high-water mark (VmHWM, reset
@@ -83,6 +84,7 @@ TINY_VOCAB = 4096
 BASE = "reinforce"
 MALLOC_POLICIES = ("retain", "system")
 LM_HEADS = ("all", "response")
+MEMORY_ROUNDS = 3
 SEED = 0
 
 
@@ -473,8 +475,14 @@ def measure(modes: list[Mode], batch: Batch, device: str, repeats: int, warmup: 
             times[mode.name].append(_timed(mode, batch, device))
         if progress:
             progress(f"round {rep + 1}/{repeats}")
-    gc.collect()
-    memory = {m.name: _memory(m, batch, device) for m in modes}
+    # The resident peak of one CPU step scatters by a few per cent (heap fragmentation of small blocks), so
+    # the memory steps are interleaved rounds too and each mode reports its median.
+    peaks: dict[str, list[tuple[float, float]]] = {m.name: [] for m in modes}
+    for _ in range(MEMORY_ROUNDS if device == "cpu" else 1):
+        for mode in modes:
+            gc.collect()
+            peaks[mode.name].append(_memory(mode, batch, device))
+    memory = {name: sorted(values)[len(values) // 2] for name, values in peaks.items()}
     base_t = statistics.median(times[BASE])
     base_m = memory[BASE][0]
     results = {}
