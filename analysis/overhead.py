@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 BASE_MODE = "reinforce"
-COLUMNS = ["group", "device", "date", "source", "mode", "median_s", "min_s", "max_s", "time_ratio",
+COLUMNS = ["group", "device", "date", "source", "model", "batch", "seq_len", "lm_head", "mode", "median_s", "min_s", "max_s", "time_ratio",
            "paired_ratio", "peak_mib", "mem_ratio"]
 
 
@@ -24,9 +24,18 @@ def overhead_table(docs: list[dict]) -> pd.DataFrame:
         base = results.get(BASE_MODE, {})
         source = str(doc.get("source", ""))
         group = f"{doc['device']} ({Path(source).stem})" if source else str(doc["device"])
+        config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+        # A scaling file's "results" are those of one of its points.
+        point = doc.get("results_point") if isinstance(doc.get("results_point"), dict) else {}
+        shape = {
+            "model": config.get("model"),
+            "batch": point.get("batch", config.get("batch")),
+            "seq_len": point.get("seq_len", config.get("seq_len")),
+            "lm_head": config.get("lm_head", "all"),  # files written before the option: every position
+        }
         for mode, res in results.items():
             rows.append({
-                "group": group, "device": str(doc["device"]), "date": str(doc["date"]), "source": source,
+                "group": group, "device": str(doc["device"]), "date": str(doc["date"]), "source": source, **shape,
                 "mode": mode, "median_s": float(res["median_s"]), "min_s": float(res["min_s"]),
                 "max_s": float(res["max_s"]),
                 "time_ratio": _ratio(res, base, "ratio_vs_reinforce", "median_s"),

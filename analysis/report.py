@@ -199,7 +199,8 @@ def _render(sweep_dir, metrics, runs, config, tables, figures, tex_missing, marg
                 "Table files: [CSV](tables/val_acc_spread.csv), [LaTeX](tables/val_acc_spread.tex)", ""])
     if "overhead" in tables:
         section("Overhead", "overhead",
-                "Per benchmark file (device and date): median/min/max seconds per update and peak memory "
+                "Per benchmark file (device, date, model preset, B, T and whether the LM head ran on every "
+                "position or on the response columns): median/min/max seconds per update and peak memory "
                 "(MiB), with ratios to reinforce measured in the same file.")
         figure("overhead", "Time and peak memory relative to reinforce (dashed line: parity)")
     return "\n".join(out).rstrip() + "\n"

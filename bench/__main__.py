@@ -112,7 +112,8 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
                    help="CPU heap policy: retain (freed memory stays in the process, as with CUDA's caching "
                    "allocator; default) or system (glibc's defaults)")
     p.add_argument("--json", default=None, help="output file (default: results/overhead/<model>-<device>-B<B>-T<T>"
-                   ".json, or results/overhead/scaling-<model>-<device>.json with --scaling)")
+                   ".json, or results/overhead/scaling-<model>-<device>.json with --scaling; -lmhead-response "
+                   "before .json with --lm-head response)")
     p.add_argument("--scaling", action="store_true",
                    help="sweep T (at --batch) and B (at --seq-len) instead of one point")
     p.add_argument("--scaling-T", dest="scaling_t", default=None,

@@ -603,6 +603,11 @@ def _heap_note(opts: Options) -> str:
     return f"{heap}, LM head on {'every position' if opts.lm_head == 'all' else 'the response columns'}"
 
 
+def _lm_head_suffix(opts: Options) -> str:
+    """Default file names keep the two LM-head settings apart."""
+    return "" if opts.lm_head == "all" else f"-lmhead-{opts.lm_head}"
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
 
@@ -619,7 +624,8 @@ def run(opts: Options) -> int:
 
 
 def run_single(opts: Options) -> int:
-    path = Path(opts.json or f"results/overhead/{opts.model}-{opts.device}-B{opts.batch}-T{opts.seq_len}.json")
+    path = Path(opts.json or f"results/overhead/{opts.model}-{opts.device}-B{opts.batch}-T{opts.seq_len}"
+                f"{_lm_head_suffix(opts)}.json")
     model, vocab = build(opts, opts.seq_len)
     modes = make_modes(opts, model)
     batch = make_batch(opts.batch, opts.seq_len, vocab, opts.device, lm_head=opts.lm_head)
@@ -639,7 +645,7 @@ def run_single(opts: Options) -> int:
 
 
 def run_scaling(opts: Options) -> int:
-    path = Path(opts.json or f"results/overhead/scaling-{opts.model}-{opts.device}.json")
+    path = Path(opts.json or f"results/overhead/scaling-{opts.model}-{opts.device}{_lm_head_suffix(opts)}.json")
     grid = [(opts.batch, t) for t in opts.scaling_t] + [(b, opts.seq_len) for b in opts.scaling_b]
     grid = list(dict.fromkeys(grid))
     model, vocab = build(opts, max(t for _, t in grid))

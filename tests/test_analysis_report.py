@@ -154,6 +154,20 @@ def test_overhead_table_derives_missing_ratios():
     assert set(table["device"]) == {"cpu"} and set(table["date"]) == {"2025-06-01"}
 
 
+def test_overhead_table_names_each_files_shape_and_lm_head():
+    single = {**overhead_doc("cpu", 1.2), "source": "a.json",
+              "config": {"model": "small", "batch": 8, "seq_len": 1024, "lm_head": "response"}}
+    scaling = {**overhead_doc("cpu", 1.1), "source": "scaling.json", "config": {"model": "tiny", "batch": 8,
+               "seq_len": 1024}, "results_point": {"batch": 4, "seq_len": 256}}
+    old = {**overhead_doc("cpu", 1.3), "source": "old.json", "config": "not a mapping"}
+    table = overhead_table([single, scaling, old])
+    rows = table.drop_duplicates("source").set_index("source")
+    assert rows.loc["a.json", ["model", "batch", "seq_len", "lm_head"]].tolist() == ["small", 8, 1024, "response"]
+    # A scaling file's results are those of its results_point; a file without the option ran every position.
+    assert rows.loc["scaling.json", ["model", "batch", "seq_len", "lm_head"]].tolist() == ["tiny", 4, 256, "all"]
+    assert rows.loc["old.json", "lm_head"] == "all" and pd.isna(rows.loc["old.json", "model"])
+
+
 def break_parquet(d: Path) -> None:
     (d / "metrics.parquet").write_bytes(b"this is not parquet")
 
