@@ -6,8 +6,6 @@ import argparse
 import os
 import sys
 
-from .config import DEFAULT_CONFIG
-
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from algorithms import UnknownNameError
@@ -34,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         "command resumes it. Overrides are OmegaConf key=value pairs, e.g. run.steps=50 sweep.seeds=[0,1] "
         "sweep.algorithms=[grpo,isopo_ni] run.algorithm.mini_batches=1.",
     )
-    run.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the embedded default)")
+    # Resolved in _run: `overhead` must not need the sweep's dependencies (OmegaConf, MLflow), so that it also
+    # runs on a bare GPU host that has only torch and transformers.
+    run.add_argument("--config", default=None, help="YAML config (default: the embedded default)")
     run.add_argument("overrides", nargs="*", help="key=value overrides")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     overhead = _add_overhead_parser(sub)
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .config import load_config, to_yaml
+    from .config import DEFAULT_CONFIG, load_config, to_yaml
     from .sweep import run_sweep, sweep_dir
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or str(DEFAULT_CONFIG), args.overrides)
     if args.print_config:
         print(to_yaml(cfg))
         return 0
@@ -126,20 +126,24 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
 def _overhead(args, argv: list[str]) -> int:
     import shlex
 
-    from .overhead import Options, parse_int_list, run
+    from .overhead import Options, OverheadError, parse_int_list, run
 
-    opts = Options(
-        device=args.device, model=args.model, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
-        autocast=args.autocast, repeats=args.repeats, warmup=args.warmup,
-        modes=[m.strip() for m in args.modes.split(",") if m.strip()] if args.modes is not None else None,
-        threads=args.threads, num_samples=args.num_samples, optimizer=args.optimizer, json=args.json,
-        scaling=args.scaling,
-        scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,
-        scaling_b=parse_int_list(args.scaling_b, "--scaling-B") if args.scaling_b is not None else None,
-        malloc=args.malloc, lm_head=args.lm_head,
-        command=shlex.join(["python", "-m", "bench", *argv]),
-    )
-    return run(opts)
+    try:
+        opts = Options(
+            device=args.device, model=args.model, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
+            autocast=args.autocast, repeats=args.repeats, warmup=args.warmup,
+            modes=[m.strip() for m in args.modes.split(",") if m.strip()] if args.modes is not None else None,
+            threads=args.threads, num_samples=args.num_samples, optimizer=args.optimizer, json=args.json,
+            scaling=args.scaling,
+            scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,
+            scaling_b=parse_int_list(args.scaling_b, "--scaling-B") if args.scaling_b is not None else None,
+            malloc=args.malloc, lm_head=args.lm_head,
+            command=shlex.join(["python", "-m", "bench", *argv]),
+        )
+        return run(opts)
+    except OverheadError as e:  # here rather than in main's handler, whose error types import the sweep's stack
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -69,6 +69,28 @@ def test_cli_writes_json_of_the_exact_schema_with_every_mode(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]
 
 
+def test_overhead_needs_neither_the_sweep_stack_nor_verl(tmp_path):
+    """A lent GPU host has torch and transformers but not OmegaConf, MLflow or verl: the overhead command
+    (and its one-line errors) must run without them."""
+    blocked = ("omegaconf", "mlflow", "verl", "antlr4")
+    script = (
+        "import runpy, sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None  # import fails as if not installed\n"
+        "sys.argv = ['bench', *sys.argv[1:]]\n"
+        "runpy.run_module('bench', run_name='__main__')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "o.json"
+    ok = subprocess.run([sys.executable, "-c", script, "overhead", *TINY, "--modes", "isopo_ni:paper",
+                         "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert set(json.loads(out.read_text())["results"]) == {"reinforce", "isopo_ni:paper"}
+    bad = subprocess.run([sys.executable, "-c", script, "overhead", "--model", "nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: unknown model preset 'nope'; valid presets: tiny, small, qwen3-0.6b"]
+
+
 def test_scaling_sweep_with_short_lists_and_optimizer(tmp_path, capsys, restore_threads):
     out = tmp_path / "scaling.json"
     args = ["overhead", "--model", "tiny", "--batch", "2", "--seq-len", "16", "--repeats", "1", "--warmup", "0",
