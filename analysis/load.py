@@ -208,12 +208,27 @@ def load_overhead(overhead_dir: str | Path) -> list[dict]:
         results = doc["results"]
         if not isinstance(results, dict) or not results:
             raise ResultsError(f"overhead file {path} has no results")
-        for mode, res in results.items():
-            absent = [k for k in OVERHEAD_RESULT_KEYS if not isinstance(res, dict) or k not in res]
-            if absent:
-                raise ResultsError(f"overhead file {path}, mode {mode!r} lacks keys {absent}")
+        _check_overhead_results(path, results, "")
+        points = doc.get("points")
+        if points is not None:
+            if not isinstance(points, list):
+                raise ResultsError(f"overhead file {path}: 'points' must be a list")
+            for i, point in enumerate(points):
+                where = f", point {i}"
+                if not isinstance(point, dict) or any(k not in point for k in ("batch", "seq_len", "results")):
+                    raise ResultsError(f"overhead file {path}{where} needs batch, seq_len and results")
+                if not isinstance(point["results"], dict) or not point["results"]:
+                    raise ResultsError(f"overhead file {path}{where} has no results")
+                _check_overhead_results(path, point["results"], where)
         out.append({**doc, "source": path.name})
     return out
+
+
+def _check_overhead_results(path: Path, results: dict, where: str) -> None:
+    for mode, res in results.items():
+        absent = [k for k in OVERHEAD_RESULT_KEYS if not isinstance(res, dict) or k not in res]
+        if absent:
+            raise ResultsError(f"overhead file {path}{where}, mode {mode!r} lacks keys {absent}")
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

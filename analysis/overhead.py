@@ -53,3 +53,39 @@ def _ratio(res: dict, base: dict, key: str, raw: str) -> float:
     if base.get(raw):
         return float(res[raw]) / float(base[raw])
     return np.nan
+
+
+SCALING_COLUMNS = ["group", "device", "date", "source", "model", "lm_head", "fixed_batch", "fixed_seq_len",
+                   "batch", "seq_len", "mode", "median_s", "time_ratio", "paired_ratio", "mem_ratio"]
+
+
+def scaling_table(docs: list[dict]) -> pd.DataFrame:
+    """One row per (scaling file, point, mode) of ``python -m bench overhead --scaling`` files.
+
+    ``fixed_batch`` / ``fixed_seq_len`` are the sweep's --batch and --seq-len: the T sweep is the rows with
+    batch == fixed_batch, the B sweep those with seq_len == fixed_seq_len (the shared point is in both).
+    Files without ``points`` (single measurements) add nothing.
+    """
+    rows = []
+    for doc in docs:
+        points = doc.get("points")
+        if not isinstance(points, list):
+            continue
+        config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+        source = str(doc.get("source", ""))
+        group = f"{doc['device']} ({Path(source).stem})" if source else str(doc["device"])
+        for point in points:
+            results = point["results"]
+            base = results.get(BASE_MODE, {})
+            for mode, res in results.items():
+                rows.append({
+                    "group": group, "device": str(doc["device"]), "date": str(doc["date"]), "source": source,
+                    "model": config.get("model"), "lm_head": config.get("lm_head", "all"),
+                    "fixed_batch": config.get("batch"), "fixed_seq_len": config.get("seq_len"),
+                    "batch": int(point["batch"]), "seq_len": int(point["seq_len"]), "mode": mode,
+                    "median_s": float(res["median_s"]),
+                    "time_ratio": _ratio(res, base, "ratio_vs_reinforce", "median_s"),
+                    "paired_ratio": float(res.get("paired_ratio_median", np.nan)),
+                    "mem_ratio": _ratio(res, base, "peak_ratio_vs_reinforce", "peak_mib"),
+                })
+    return pd.DataFrame(rows, columns=SCALING_COLUMNS)

@@ -115,12 +115,58 @@ def plot_overhead(table: pd.DataFrame, colors: dict[str, str]) -> Figure | None:
     return fig
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def plot_scaling(table: pd.DataFrame, colors: dict[str, str]) -> Figure | None:
+    """Time ratio vs reinforce as T grows (at the sweep's B) and as B grows (at its T): one line per mode,
+    one line style per scaling file."""
+    table = table[table["mode"] != "reinforce"]
+    if table.empty:
+        return None
+    fig = Figure(figsize=(10, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    panels = ((axes[0], "seq_len", "batch", "fixed_batch", "sequence length T (tokens)", "B"),
+              (axes[1], "batch", "seq_len", "fixed_seq_len", "sequences per micro-batch B", "T"))
+    groups = list(dict.fromkeys(table["group"]))
+    for ax, x_col, fixed_col, fixed_cfg, xlabel, fixed_name in panels:
+        fixed_values, x_values = set(), set()
+        for gi, group in enumerate(groups):
+            sub = table[(table["group"] == group) & (table[fixed_col] == table[fixed_cfg])]
+            fixed_values |= set(sub[fixed_col])
+            x_values |= set(sub[x_col])
+            for mode in dict.fromkeys(sub["mode"]):
+                line = sub[sub["mode"] == mode].sort_values(x_col)
+                if line.empty:
+                    continue
+                label = mode if len(groups) == 1 else f"{mode}, {group}"
+                ax.plot(line[x_col], line["time_ratio"], marker="o", color=mode_color(mode, colors),
+                        ls=LINESTYLES[gi % len(LINESTYLES)], label=label)
+        ax.axhline(1.0, color="black", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        if x_values:
+            ticks = sorted(int(v) for v in x_values)
+            ax.set_xticks(ticks, [str(v) for v in ticks])
+            ax.minorticks_off()
+        ax.set_xlabel(xlabel)
+        fixed_text = ", ".join(str(int(v)) for v in sorted(fixed_values))
+        ax.set_title(f"{fixed_name} = {fixed_text}" if fixed_text else xlabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("time per update / reinforce (ratio)")
+    axes[1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("How the overhead grows (dashed line: parity)")
+    fig.tight_layout()
+    return fig
+
+
 def make_figures(
-    metrics: pd.DataFrame, out_dir: str | Path, overhead: pd.DataFrame | None = None
+    metrics: pd.DataFrame, out_dir: str | Path, overhead: pd.DataFrame | None = None,
+    scaling: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Draw every figure into ``out_dir``; returns name -> PNG path (a PDF sits beside each)."""
     out_dir = Path(out_dir)
     names = set(metrics["algorithm"]) | (set(overhead["mode"]) if overhead is not None else set())
+    names |= set(scaling["mode"]) if scaling is not None else set()
     colors = algorithm_colors(names)
     written = {}
     for name, (column, ylabel, title, scale, log_y) in CURVES.items():
@@ -131,4 +177,8 @@ def make_figures(
         fig = plot_overhead(overhead, colors)
         if fig is not None:
             written["overhead"] = save_figure(fig, out_dir / "overhead")[0]
+    if scaling is not None:
+        fig = plot_scaling(scaling, colors)
+        if fig is not None:
+            written["overhead_scaling"] = save_figure(fig, out_dir / "overhead_scaling")[0]
     return written

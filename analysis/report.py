@@ -10,7 +10,7 @@ import pandas as pd
 from analysis.atomic import atomic_write_text
 from analysis.errors import ResultsError
 from analysis.load import UNKNOWN_STATUS, config_facts, load_overhead, load_sweep
-from analysis.overhead import overhead_table
+from analysis.overhead import overhead_table, scaling_table
 from analysis.palette import order_algorithms
 from analysis.plots import make_figures
 from analysis.stability import run_stability, spread_over_time, stability_summary
@@ -50,7 +50,7 @@ def write_report(
     """
     sweep_dir = Path(sweep_dir)
     metrics, runs, config = load_sweep(sweep_dir)
-    overhead = _overhead(sweep_dir, overhead_dir)
+    overhead, scaling = _overhead(sweep_dir, overhead_dir)
 
     per_run = run_accuracy(metrics, runs)
     used = per_run[per_run["status"] != "failed"]
@@ -76,23 +76,29 @@ def write_report(
     }
     if overhead is not None:
         tables["overhead"] = overhead
+    if scaling is not None:
+        tables["overhead_scaling"] = scaling
     tex_missing = False
     for name, df in tables.items():
         tex_missing |= "tex" not in write_table(df, sweep_dir / "tables", name)
-    figures = make_figures(used_metrics, sweep_dir / "figures", overhead)
+    figures = make_figures(used_metrics, sweep_dir / "figures", overhead, scaling)
 
     text = _render(sweep_dir, metrics, runs, config, tables, figures, tex_missing,
                    collapse_margin, spike_k, entropy_fraction)
     return atomic_write_text(sweep_dir / "report.md", text)
 
 
-def _overhead(sweep_dir: Path, overhead_dir: str | Path | None) -> pd.DataFrame | None:
+def _overhead(sweep_dir: Path, overhead_dir: str | Path | None) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The overhead table and, when some file is a scaling sweep, the scaling table."""
     if overhead_dir is None:
         overhead_dir = sweep_dir.resolve().parent / "overhead"
         if not overhead_dir.is_dir():
-            return None
+            return None, None
     docs = load_overhead(overhead_dir)
-    return overhead_table(docs) if docs else None
+    if not docs:
+        return None, None
+    scaling = scaling_table(docs)
+    return overhead_table(docs), (scaling if len(scaling) else None)
 
 
 def _percent(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -203,4 +209,10 @@ def _render(sweep_dir, metrics, runs, config, tables, figures, tex_missing, marg
                 "position or on the response columns): median/min/max seconds per update and peak memory "
                 "(MiB), with ratios to reinforce measured in the same file.")
         figure("overhead", "Time and peak memory relative to reinforce (dashed line: parity)")
+    if "overhead_scaling" in tables:
+        section("Overhead scaling", "overhead_scaling",
+                "From `python -m bench overhead --scaling` files: per point (B sequences of T tokens) and mode, "
+                "the median seconds per update and its ratios to reinforce at the same point (time, paired "
+                "time, peak memory). The T sweep holds B at fixed_batch, the B sweep holds T at fixed_seq_len.")
+        figure("overhead_scaling", "Time per update relative to reinforce as T and B grow (dashed line: parity)")
     return "\n".join(out).rstrip() + "\n"

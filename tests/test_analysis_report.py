@@ -15,7 +15,7 @@ import pytest
 from analysis import ResultsError
 from analysis.__main__ import main
 from analysis.load import METRIC_COLUMNS, config_facts, load_overhead, load_sweep
-from analysis.overhead import overhead_table
+from analysis.overhead import overhead_table, scaling_table
 from analysis.report import write_report
 from analysis.stats import run_accuracy
 from analysis.synthetic import runs_from_metrics, synthetic_metrics, write_sweep
@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 ALGORITHMS = {"reinforce": 0.1, "grpo": 0.15, "isopo_ni": 0.3, "my_variant": 0.05}
 CONFIG = {"task": {"name": "arith-3digit"}, "model": {"name": "tiny-lm"}, "train": {"steps": 10},
           "seeds": [0, 1, 2, 3, 4]}
-TABLES = ("runs", "accuracy", "accuracy_runs", "comparisons", "stability", "stability_runs", "val_acc_spread", "overhead")
-FIGURES = ("val_acc", "reward", "kl", "entropy", "response_len", "overhead")
+TABLES = ("runs", "accuracy", "accuracy_runs", "comparisons", "stability", "stability_runs", "val_acc_spread", "overhead",
+          "overhead_scaling")
+FIGURES = ("val_acc", "reward", "kl", "entropy", "response_len", "overhead", "overhead_scaling")
 
 
 def overhead_doc(device: str, isopo_ratio: float) -> dict:
@@ -36,6 +37,19 @@ def overhead_doc(device: str, isopo_ratio: float) -> dict:
     return {"device": device, "date": "2025-06-01", "command": "python -m bench overhead", "config": {},
             "results": {"reinforce": entry(1.0), "isopo_ni": entry(isopo_ratio),
                         "isopo_ni_hooks": entry(isopo_ratio + 0.3)}}
+
+
+def scaling_doc(device: str) -> dict:
+    """A --scaling file: T sweep 256, 512, 1024 at B=8 and B sweep 4, 8 at T=1024; isopo's ratio grows with T."""
+    def entry(ratio: float) -> dict:
+        return {"median_s": ratio, "min_s": ratio, "max_s": ratio, "ratio_vs_reinforce": ratio,
+                "paired_ratio_median": ratio, "peak_mib": 100 * ratio, "peak_ratio_vs_reinforce": ratio}
+
+    points = [{"batch": b, "seq_len": t, "results": {"reinforce": entry(1.0), "isopo_int": entry(1.0 + t / 10240)}}
+              for b, t in ((8, 256), (8, 512), (8, 1024), (4, 1024))]
+    return {"device": device, "date": "2025-06-02", "command": "python -m bench overhead --scaling",
+            "config": {"model": "small", "batch": 8, "seq_len": 1024, "lm_head": "all"}, "points": points,
+            "results": points[2]["results"], "results_point": {"batch": 8, "seq_len": 1024}}
 
 
 def small_sweep(path: Path, **kwargs) -> Path:
@@ -52,6 +66,7 @@ def reported(tmp_path_factory):
     overhead.mkdir()
     for i, (device, ratio) in enumerate((("cpu", 1.4), ("gpu", 1.1))):
         (overhead / f"run{i}.json").write_text(json.dumps(overhead_doc(device, ratio)))
+    (overhead / "scaling-small-cpu.json").write_text(json.dumps(scaling_doc("cpu")))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = main(["report", str(sweep), "--overhead-dir", str(overhead), "--n-boot", "300"])
@@ -82,7 +97,7 @@ def test_report_content(reported):
     for alg in ALGORITHMS:
         assert alg in text
     assert "reinforce (n=5)" in text and "arith-3digit" in text and "tiny-lm" in text
-    assert "## Overhead" in text and "How to read this" in text
+    assert "## Overhead" in text and "## Overhead scaling" in text and "How to read this" in text
     assert "1 failed run(s)" in text
     links = re.findall(r"\]\(((?:figures|tables)/[^)]+)\)", text)
     assert {f"figures/{n}.png" for n in FIGURES} <= set(links)
@@ -222,12 +237,29 @@ def test_missing_and_empty_directories(tmp_path):
         load_sweep(tmp_path / "empty")
 
 
+def test_scaling_table_has_a_row_per_point_and_mode_and_skips_single_files():
+    docs = [{**scaling_doc("cpu"), "source": "scaling.json"}, {**overhead_doc("cpu", 1.2), "source": "one.json"}]
+    table = scaling_table(docs)
+    assert len(table) == 4 * 2 and set(table["source"]) == {"scaling.json"}
+    t_sweep = table[(table["mode"] == "isopo_int") & (table["batch"] == table["fixed_batch"])]
+    assert t_sweep.sort_values("seq_len")["seq_len"].tolist() == [256, 512, 1024]
+    assert t_sweep.sort_values("seq_len")["time_ratio"].tolist() == pytest.approx([1.025, 1.05, 1.1])
+    b_sweep = table[(table["mode"] == "isopo_int") & (table["seq_len"] == table["fixed_seq_len"])]
+    assert sorted(b_sweep["batch"]) == [4, 8]
+    assert (table.loc[table["mode"] == "reinforce", "time_ratio"] == 1.0).all()
+
+
 def test_bad_overhead_json(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"device": "cpu", "date": "d", "results": {"x": {}}}))
     with pytest.raises(ResultsError, match="lacks keys"):
         load_overhead(tmp_path)
     with pytest.raises(ResultsError, match="overhead directory not found"):
         load_overhead(tmp_path / "missing")
+    doc = scaling_doc("cpu")
+    doc["points"][1] = {"batch": 8, "results": {}}
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    with pytest.raises(ResultsError, match="point 1 needs batch, seq_len and results"):
+        load_overhead(tmp_path)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
