@@ -267,11 +267,13 @@ class PeakRss:
                     return int(line.split()[1]) * 1024
         raise OSError("no VmHWM line")
 
-    def _reset_kernel_hwm(self) -> bool:
+    @classmethod
+    def reset_kernel_hwm(cls) -> bool:
+        """Reset the kernel's high-water mark to the current RSS; False where this system cannot."""
         try:
-            with open(self._CLEAR_REFS, "w", encoding="ascii") as f:
+            with open(cls._CLEAR_REFS, "w", encoding="ascii") as f:
                 f.write("5")
-            self._kernel_hwm()
+            cls._kernel_hwm()
             return True
         except OSError:
             return False
@@ -286,7 +288,7 @@ class PeakRss:
             self._sample()
 
     def __enter__(self) -> PeakRss:
-        self.exact = self._reset_kernel_hwm()
+        self.exact = self.reset_kernel_hwm()
         self.start_rss = self._proc.memory_info().rss
         self.peak = self.start_rss
         if not self.exact:
@@ -307,7 +309,7 @@ class PeakRss:
 def peak_memory_method(device: str) -> str:
     if device == "cuda":
         return "torch.cuda.max_memory_allocated"
-    return "VmHWM" if PeakRss()._reset_kernel_hwm() else "rss sampled every 1 ms"
+    return "VmHWM" if PeakRss.reset_kernel_hwm() else "rss sampled every 1 ms"
 
 
 # -- the update step of each mode ------------------------------------------------------------------------
