@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 
 BASE_MODE = "reinforce"
-COLUMNS = ["group", "device", "date", "source", "model", "batch", "seq_len", "lm_head", "mode", "median_s", "min_s", "max_s", "time_ratio",
-           "paired_ratio", "peak_mib", "mem_ratio"]
+COLUMNS = ["group", "device", "date", "source", "model", "batch", "seq_len", "lm_head", "mode", "median_s",
+           "min_s", "max_s", "time_ratio", "paired_ratio", "peak_mib", "mem_ratio"]
+SCALING_COLUMNS = ["group", "device", "date", "source", "model", "lm_head", "fixed_batch", "fixed_seq_len",
+                   "batch", "seq_len", "mode", "median_s", "time_ratio", "paired_ratio", "mem_ratio"]
 
 
 def overhead_table(docs: list[dict]) -> pd.DataFrame:
@@ -20,43 +22,17 @@ def overhead_table(docs: list[dict]) -> pd.DataFrame:
     """
     rows = []
     for doc in docs:
-        results = doc["results"]
-        base = results.get(BASE_MODE, {})
-        source = str(doc.get("source", ""))
-        group = f"{doc['device']} ({Path(source).stem})" if source else str(doc["device"])
-        config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+        facts, config = _file_facts(doc)
         # A scaling file's "results" are those of one of its points.
         point = doc.get("results_point") if isinstance(doc.get("results_point"), dict) else {}
-        shape = {
-            "model": config.get("model"),
-            "batch": point.get("batch", config.get("batch")),
-            "seq_len": point.get("seq_len", config.get("seq_len")),
-            "lm_head": config.get("lm_head", "all"),  # files written before the option: every position
-        }
+        shape = {"batch": point.get("batch", config.get("batch")),
+                 "seq_len": point.get("seq_len", config.get("seq_len"))}
+        results = doc["results"]
         for mode, res in results.items():
-            rows.append({
-                "group": group, "device": str(doc["device"]), "date": str(doc["date"]), "source": source, **shape,
-                "mode": mode, "median_s": float(res["median_s"]), "min_s": float(res["min_s"]),
-                "max_s": float(res["max_s"]),
-                "time_ratio": _ratio(res, base, "ratio_vs_reinforce", "median_s"),
-                # Median of per-round ratios; absent from files written before it existed.
-                "paired_ratio": float(res.get("paired_ratio_median", np.nan)),
-                "peak_mib": float(res["peak_mib"]),
-                "mem_ratio": _ratio(res, base, "peak_ratio_vs_reinforce", "peak_mib"),
-            })
+            rows.append({**facts, **shape, "mode": mode, "median_s": float(res["median_s"]),
+                         "min_s": float(res["min_s"]), "max_s": float(res["max_s"]),
+                         "peak_mib": float(res["peak_mib"]), **_ratios(res, results)})
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def _ratio(res: dict, base: dict, key: str, raw: str) -> float:
-    if res.get(key) is not None:
-        return float(res[key])
-    if base.get(raw):
-        return float(res[raw]) / float(base[raw])
-    return np.nan
-
-
-SCALING_COLUMNS = ["group", "device", "date", "source", "model", "lm_head", "fixed_batch", "fixed_seq_len",
-                   "batch", "seq_len", "mode", "median_s", "time_ratio", "paired_ratio", "mem_ratio"]
 
 
 def scaling_table(docs: list[dict]) -> pd.DataFrame:
@@ -71,21 +47,42 @@ def scaling_table(docs: list[dict]) -> pd.DataFrame:
         points = doc.get("points")
         if not isinstance(points, list):
             continue
-        config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
-        source = str(doc.get("source", ""))
-        group = f"{doc['device']} ({Path(source).stem})" if source else str(doc["device"])
+        facts, config = _file_facts(doc)
+        fixed = {"fixed_batch": config.get("batch"), "fixed_seq_len": config.get("seq_len")}
         for point in points:
             results = point["results"]
-            base = results.get(BASE_MODE, {})
             for mode, res in results.items():
-                rows.append({
-                    "group": group, "device": str(doc["device"]), "date": str(doc["date"]), "source": source,
-                    "model": config.get("model"), "lm_head": config.get("lm_head", "all"),
-                    "fixed_batch": config.get("batch"), "fixed_seq_len": config.get("seq_len"),
-                    "batch": int(point["batch"]), "seq_len": int(point["seq_len"]), "mode": mode,
-                    "median_s": float(res["median_s"]),
-                    "time_ratio": _ratio(res, base, "ratio_vs_reinforce", "median_s"),
-                    "paired_ratio": float(res.get("paired_ratio_median", np.nan)),
-                    "mem_ratio": _ratio(res, base, "peak_ratio_vs_reinforce", "peak_mib"),
-                })
+                rows.append({**facts, **fixed, "batch": int(point["batch"]), "seq_len": int(point["seq_len"]),
+                             "mode": mode, "median_s": float(res["median_s"]), **_ratios(res, results)})
     return pd.DataFrame(rows, columns=SCALING_COLUMNS)
+
+
+def _file_facts(doc: dict) -> tuple[dict, dict]:
+    """The columns every row of one file shares, and the file's config (empty when absent or malformed)."""
+    config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+    source = str(doc.get("source", ""))
+    facts = {
+        "group": f"{doc['device']} ({Path(source).stem})" if source else str(doc["device"]),
+        "device": str(doc["device"]), "date": str(doc["date"]), "source": source,
+        "model": config.get("model"),
+        "lm_head": config.get("lm_head", "all"),  # files written before the option: every position
+    }
+    return facts, config
+
+
+def _ratios(res: dict, results: dict) -> dict:
+    base = results.get(BASE_MODE, {})
+    return {
+        "time_ratio": _ratio(res, base, "ratio_vs_reinforce", "median_s"),
+        # Median of per-round ratios; absent from files written before it existed.
+        "paired_ratio": float(res.get("paired_ratio_median", np.nan)),
+        "mem_ratio": _ratio(res, base, "peak_ratio_vs_reinforce", "peak_mib"),
+    }
+
+
+def _ratio(res: dict, base: dict, key: str, raw: str) -> float:
+    if res.get(key) is not None:
+        return float(res[key])
+    if base.get(raw):
+        return float(res[raw]) / float(base[raw])
+    return np.nan

@@ -190,8 +190,8 @@ class HooksIsopo:
             layer_seq_pos, layer_sample = seq_pos, samples[li]
             if a.shape[0] != flat_ids.numel():
                 inverse = _suffix_inverse(seq_ids.shape, tuple(rec.a.shape[:-1]), name, a.device)
-                layer_seq_pos = [inverse[idx][inverse[idx] >= 0] for idx in seq_pos]
-                layer_sample = inverse[layer_sample][inverse[layer_sample] >= 0]
+                layer_seq_pos = [_inside(inverse[idx]) for idx in seq_pos]
+                layer_sample = _inside(inverse[layer_sample])
             stat = torch.float64 if a.dtype == torch.float64 else torch.float32
             adv = advantages.to(device=a.device, dtype=stat)
 
@@ -259,6 +259,10 @@ class HooksIsopo:
         eye = torch.eye(b, dtype=ntk.dtype, device=ntk.device)
         w = lam * torch.linalg.solve(ntk + lam * eye, adv.unsqueeze(1)).squeeze(1)
         return torch.where(lam > 0, w, adv)
+
+
+def _inside(mapped: torch.Tensor) -> torch.Tensor:
+    return mapped[mapped >= 0]
 
 
 def _suffix_inverse(shape: torch.Size, lead: tuple[int, ...], name: str, device) -> torch.Tensor:
