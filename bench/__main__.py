@@ -104,6 +104,9 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
                    "--scaling: reinforce,isopo_ni:paper,isopo_int); reinforce is always added")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--num-samples", type=int, default=250, help="ISOPO's K overlap samples (default: 250)")
+    p.add_argument("--chunk-mib", type=int, default=256,
+                   help="ISOPO's chunk_bytes in MiB: above it a layer's per-sequence gradients are formed in "
+                        "output chunks and its weight gradient is one more matmul (default: 256)")
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step in each timed step")
     p.add_argument("--lm-head", dest="lm_head", default="all",
                    help="all (logits at every position; default) or response (from the first response-predicting "
@@ -133,8 +136,8 @@ def _overhead(args, argv: list[str]) -> int:
             device=args.device, model=args.model, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
             autocast=args.autocast, repeats=args.repeats, warmup=args.warmup,
             modes=[m.strip() for m in args.modes.split(",") if m.strip()] if args.modes is not None else None,
-            threads=args.threads, num_samples=args.num_samples, optimizer=args.optimizer, json=args.json,
-            scaling=args.scaling,
+            threads=args.threads, num_samples=args.num_samples, chunk_mib=args.chunk_mib, optimizer=args.optimizer,
+            json=args.json, scaling=args.scaling,
             scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,
             scaling_b=parse_int_list(args.scaling_b, "--scaling-B") if args.scaling_b is not None else None,
             malloc=args.malloc, lm_head=args.lm_head,

@@ -107,6 +107,8 @@ class Options:
     """None: every mode (a single run) or reinforce, isopo_ni:paper and isopo_int (``--scaling``)."""
     threads: int | None = None
     num_samples: int = 250
+    chunk_mib: int = 256
+    """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     optimizer: bool = False
     json: str | None = None
     scaling: bool = False
@@ -156,6 +158,8 @@ def validate(opts: Options) -> Options:
         raise OverheadError(f"--threads must be a positive integer; got {opts.threads}")
     if opts.num_samples < 1:
         raise OverheadError(f"--num-samples must be a positive integer; got {opts.num_samples}")
+    if opts.chunk_mib < 1:
+        raise OverheadError(f"--chunk-mib must be a positive integer; got {opts.chunk_mib}")
     if opts.lm_head not in LM_HEADS:
         raise OverheadError(f"unknown --lm-head {opts.lm_head!r}; valid: {', '.join(LM_HEADS)}")
     if opts.malloc not in MALLOC_POLICIES:
@@ -367,7 +371,8 @@ def _loss(model: nn.Module, batch: Batch, weight: torch.Tensor) -> torch.Tensor:
 class Mode:
     """One mode's update step; ``begin``/``end`` (untimed) bracket each ``step`` (timed)."""
 
-    def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int):
+    def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
+                 chunk_bytes: int = IsopoConfig.chunk_bytes):
         from .hooks_baseline import HooksIsopo
 
         self.name = name
@@ -376,11 +381,12 @@ class Mode:
         self.autocast = autocast
         self.engine = None
         if name.startswith("isopo_ni:"):
-            cfg = IsopoConfig(variant="non_interacting", setting=name.split(":", 1)[1], num_samples=num_samples)
+            cfg = IsopoConfig(variant="non_interacting", setting=name.split(":", 1)[1], num_samples=num_samples,
+                              chunk_bytes=chunk_bytes)
             self.engine = Isopo(model, cfg)
         elif name == "isopo_int":
             self.engine = Isopo(model, IsopoConfig(variant="interacting", setting=None, c_lambda=1.0,
-                                                   num_samples=num_samples))
+                                                   num_samples=num_samples, chunk_bytes=chunk_bytes))
         elif name == "isopo_ni_hooks":
             self.engine = HooksIsopo(model, IsopoConfig(setting="paper", num_samples=num_samples))
         elif name == "isopo_int_hooks":
@@ -529,7 +535,8 @@ def make_modes(opts: Options, model: nn.Module) -> list[Mode]:
             return torch.autocast(opts.device, dtype=torch.bfloat16)
     else:
         autocast = nullcontext
-    return [Mode(name, model, optimizer, autocast, opts.num_samples) for name in opts.modes]
+    chunk_bytes = opts.chunk_mib * 2**20
+    return [Mode(name, model, optimizer, autocast, opts.num_samples, chunk_bytes) for name in opts.modes]
 
 
 def config_dict(opts: Options) -> dict:
@@ -546,6 +553,7 @@ def config_dict(opts: Options) -> dict:
         "repeats": opts.repeats,
         "warmup": opts.warmup,
         "num_samples": opts.num_samples,
+        "chunk_mib": opts.chunk_mib,
         "optimizer": "adamw" if opts.optimizer else None,
         "torch_version": torch.__version__,
     }

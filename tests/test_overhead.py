@@ -25,7 +25,7 @@ from bench.overhead import make_batch as overhead_batch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
 CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "lm_head", "peak_memory",
-               "repeats", "warmup", "num_samples", "optimizer", "torch_version"}
+               "repeats", "warmup", "num_samples", "chunk_mib", "optimizer", "torch_version"}
 RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "peak_mib",
                "peak_ratio_vs_reinforce"}
 
@@ -124,6 +124,7 @@ def test_scaling_sweep_with_short_lists_and_optimizer(tmp_path, capsys, restore_
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["--malloc", "jemalloc"], "unknown --malloc 'jemalloc'"),
         (["--lm-head", "prompt"], "unknown --lm-head 'prompt'"),
+        (["--chunk-mib", "0"], "--chunk-mib must be a positive integer"),
     ],
 )
 def test_bad_options_give_one_clear_error_line_and_exit_2(args, fragment, capsys):
@@ -178,6 +179,26 @@ def test_every_mode_takes_the_same_gradient_with_the_lm_head_on_the_response_col
             expected = grads[0][param]
             scale = max(float(expected.abs().max()), 1.0)
             torch.testing.assert_close(grads[1][param], expected, rtol=1e-10, atol=1e-12 * scale,
+                                       msg=lambda m, name=name, param=param: f"{name} {param}: {m}")
+
+
+def test_chunk_size_reaches_the_engine_and_leaves_the_gradient_unchanged():
+    """--chunk-mib only decides how the LM head's per-sequence gradients are held: a chunk far below one
+    layer's block (output chunks, then the weight gradient as one more matmul) gives the same gradients."""
+    model = tiny_qwen3(seed=2, tie=False)
+    batch = overhead_batch(3, 16, model.config.vocab_size, "cpu")
+    for name in ("isopo_ni:paper", "isopo_int"):
+        grads = []
+        for chunk_bytes in (2**10, 2**30):
+            mode = Mode(name, model, None, nullcontext, num_samples=20, chunk_bytes=chunk_bytes)
+            assert mode.engine.cfg.chunk_bytes == chunk_bytes
+            mode.begin()
+            mode.step(batch)
+            mode.end()
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        for param, expected in grads[1].items():
+            scale = max(float(expected.abs().max()), 1.0)
+            torch.testing.assert_close(grads[0][param], expected, rtol=1e-10, atol=1e-12 * scale,
                                        msg=lambda m, name=name, param=param: f"{name} {param}: {m}")
 
 
