@@ -44,18 +44,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")  # what parse_args would say
         overhead.error(f"unrecognized arguments: {' '.join(extra)}")
 
+    if args.command == "overhead":
+        # Outside the handler below: its error types import the sweep's stack, which a bare GPU host lacks.
+        return _overhead(args, sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "overhead":
-            return _overhead(args, sys.argv[1:] if argv is None else argv)
+        return _run(args)
     except _known_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
-    return 0
 
 
 def _run(args) -> int:
@@ -104,6 +103,9 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
                    "--scaling: reinforce,isopo_ni:paper,isopo_int); reinforce is always added")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--num-samples", type=int, default=250, help="ISOPO's K overlap samples (default: 250)")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="after the measurement, profile one step per mode (torch.profiler; CUDA kernels too on "
+                        "cuda) and write the busiest operators per mode to this text file")
     p.add_argument("--chunk-mib", type=int, default=256,
                    help="ISOPO's chunk_bytes in MiB: above it a layer's per-sequence gradients are formed in "
                         "output chunks and its weight gradient is one more matmul (default: 256)")
@@ -129,6 +131,8 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
 def _overhead(args, argv: list[str]) -> int:
     import shlex
 
+    from torch import OutOfMemoryError
+
     from .overhead import Options, OverheadError, parse_int_list, run
 
     try:
@@ -140,13 +144,21 @@ def _overhead(args, argv: list[str]) -> int:
             json=args.json, scaling=args.scaling,
             scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,
             scaling_b=parse_int_list(args.scaling_b, "--scaling-B") if args.scaling_b is not None else None,
-            malloc=args.malloc, lm_head=args.lm_head,
+            malloc=args.malloc, lm_head=args.lm_head, profile=args.profile,
             command=shlex.join(["python", "-m", "bench", *argv]),
         )
         return run(opts)
-    except OverheadError as e:  # here rather than in main's handler, whose error types import the sweep's stack
+    except (OverheadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutOfMemoryError as e:
+        first = str(e).splitlines()[0] if str(e) else "out of memory"
+        print(f"error: the {args.device} device ran out of memory at B={args.batch}, T={args.seq_len} "
+              f"({first}); try a smaller --batch or --seq-len", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

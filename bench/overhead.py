@@ -25,7 +25,9 @@ drift (thermal, a neighbour's load) hits all modes alike. Each timed step is bra
 rounds and before the memory steps); installing and removing ISOPO or the hooks and zeroing the gradients
 are outside the timing, ISOPO's per-micro-batch bookkeeping (``Isopo.micro_batch``, ``end_step``) is inside.
 Reported: median, min and max seconds, the ratio of medians to reinforce, and the median over rounds of
-each round's own ratio (``paired``; robust to drift in the machine's speed during the run). On CPU the heap policy
+each round's own ratio (``paired``; robust to drift in the machine's speed during the run), and the median
+time until the host had issued the whole step (``host_s``): on CUDA, a ``host_s`` close to the step's time
+means the host's launches, not the device, set the pace. On CPU the heap policy
 (``--malloc``) defaults to ``retain``: glibc keeps freed blocks instead of unmapping them, as PyTorch's
 caching allocator does on CUDA, so no mode pays page faults for temporaries it already had last step;
 ``system`` measures with glibc's defaults. Either way it applies to every mode alike and is recorded.
@@ -119,6 +121,8 @@ class Options:
     malloc: str = "retain"
     """CPU heap policy: ``retain`` keeps freed memory in the process (as PyTorch's caching allocator does
     on CUDA), ``system`` leaves glibc's defaults (large blocks mmap'd and returned at every free)."""
+    profile: str | None = None
+    """Text file for one profiled step per mode (after the measurement), or None."""
     command: str = "python -m bench overhead"
 
 
@@ -184,6 +188,8 @@ def validate(opts: Options) -> Options:
                 raise OverheadError(f"{name} values must be >= {low}; got {values}")
     elif opts.scaling_t or opts.scaling_b:
         raise OverheadError("--scaling-T / --scaling-B need --scaling")
+    if opts.profile and opts.scaling:
+        raise OverheadError("--profile profiles a single measurement; drop --scaling")
     return opts
 
 
@@ -424,19 +430,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(mode: Mode, batch: Batch, device: str) -> float:
+def _timed(mode: Mode, batch: Batch, device: str) -> tuple[float, float]:
+    """(seconds to the step's end on the device, seconds until the host had issued the whole step)."""
     mode.begin()
     gc.disable()  # no collector pause inside the timing (a full collection costs ~0.3 s with transformers loaded)
     try:
         _sync(device)
         start = time.perf_counter()
         mode.step(batch)
+        issued = time.perf_counter() - start
         _sync(device)
         elapsed = time.perf_counter() - start
     finally:
         gc.enable()
         mode.end()
-    return elapsed
+    return elapsed, issued
 
 
 def _memory(mode: Mode, batch: Batch, device: str) -> tuple[float, float]:
@@ -477,10 +485,13 @@ def measure(modes: list[Mode], batch: Batch, device: str, repeats: int, warmup: 
             _timed(mode, batch, device)
     gc.collect()
     times: dict[str, list[float]] = {m.name: [] for m in modes}
+    host: dict[str, list[float]] = {m.name: [] for m in modes}
     for rep in range(repeats):
         shift = rep % len(modes)
         for mode in modes[shift:] + modes[:shift]:
-            times[mode.name].append(_timed(mode, batch, device))
+            elapsed, issued = _timed(mode, batch, device)
+            times[mode.name].append(elapsed)
+            host[mode.name].append(issued)
         if progress:
             progress(f"round {rep + 1}/{repeats}")
     # The resident peak of one CPU step scatters by a few per cent (heap fragmentation of small blocks), so
@@ -505,11 +516,41 @@ def measure(modes: list[Mode], batch: Batch, device: str, repeats: int, warmup: 
             "max_s": max(times[mode.name]),
             "ratio_vs_reinforce": med / base_t,
             "paired_ratio_median": statistics.median(paired),
+            "host_median_s": statistics.median(host[mode.name]),
             "peak_mib": memory[mode.name][0],
             "peak_ratio_vs_reinforce": memory[mode.name][0] / base_m,
             "_step_mib": memory[mode.name][1],
         }
     return results
+
+
+def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows: int = 25) -> None:
+    """One untimed, profiled step per mode; each mode's busiest operators (host time, and device time on
+    CUDA) into one text file, with the step's total host and device time on the heading line."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sections = []
+    for mode in modes:
+        mode.begin()
+        try:
+            with profile(activities=activities) as prof:
+                mode.step(batch)
+                _sync(device)
+        finally:
+            mode.end()
+        events = prof.key_averages()
+        host_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+        device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+        parts = [f"== {mode.name}: host {host_ms:.1f} ms, device {device_ms:.1f} ms (self times summed)",
+                 events.table(sort_by="self_cpu_time_total", row_limit=rows)]
+        if device == "cuda":
+            parts.append(events.table(sort_by="self_device_time_total", row_limit=rows))
+        sections.append("\n".join(parts))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def public(results: dict[str, dict]) -> dict[str, dict]:
@@ -572,11 +613,13 @@ def write_json(path: Path, doc: dict) -> None:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    header = ("mode", "median_s", "min_s", "max_s", "ratio", "paired", "peak_MiB", "peak_ratio", "step_MiB")
+    header = ("mode", "median_s", "min_s", "max_s", "host_s", "ratio", "paired", "peak_MiB", "peak_ratio",
+              "step_MiB")
     rows = [header]
     for mode, r in results.items():
         rows.append((mode, f"{r['median_s']:.4f}", f"{r['min_s']:.4f}", f"{r['max_s']:.4f}",
-                     f"{r['ratio_vs_reinforce']:.3f}", f"{r['paired_ratio_median']:.3f}", f"{r['peak_mib']:.1f}",
+                     f"{r['host_median_s']:.4f}", f"{r['ratio_vs_reinforce']:.3f}", f"{r['paired_ratio_median']:.3f}",
+                     f"{r['peak_mib']:.1f}",
                      f"{r['peak_ratio_vs_reinforce']:.3f}",
                      f"{r.get('_step_mib', float('nan')):.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -651,7 +694,19 @@ def run_single(opts: Options) -> int:
           f"K={opts.num_samples}, median of {opts.repeats}{_heap_note(opts)}")
     print(format_table(results))
     print(f"wall {time.perf_counter() - start:.1f} s; wrote {path}")
+    if opts.profile:
+        profile_steps(modes, batch, opts.device, Path(opts.profile))
+        print(f"wrote the profile of one step per mode to {opts.profile}")
     return 0
+
+
+def _free_device_memory(modes: list[Mode], device: str) -> None:
+    for mode in modes:
+        mode.end()
+        mode.model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_scaling(opts: Options) -> int:
@@ -669,7 +724,16 @@ def run_scaling(opts: Options) -> int:
     for b, t in grid:
         _log(f"scaling: B={b} T={t} ({len(measured) + 1}/{len(grid)})")
         batch = make_batch(b, t, vocab, opts.device, lm_head=opts.lm_head)
-        measured[(b, t)] = measure(modes, batch, opts.device, opts.repeats, opts.warmup)
+        try:
+            measured[(b, t)] = measure(modes, batch, opts.device, opts.repeats, opts.warmup)
+        except torch.OutOfMemoryError:
+            # A point too large for the device ends this point, not the sweep.
+            del batch
+            _free_device_memory(modes, opts.device)
+            _log(f"scaling: B={b} T={t} ran out of {opts.device} memory; recorded under failed_points")
+            doc.setdefault("failed_points", []).append({"batch": b, "seq_len": t, "error": "out of memory"})
+            write_json(path, doc)
+            continue
         del batch
         doc["points"].append({"batch": b, "seq_len": t, "results": public(measured[(b, t)])})
         # A scaling file also reads as a single-point overhead file (analysis.load_overhead wants "results"):

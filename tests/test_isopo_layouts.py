@@ -74,7 +74,7 @@ def test_lm_head_on_the_response_columns_equals_the_full_layout(cfg):
         assert any(lay[1].samples_dropped > 0 for lay in layouts)
         for lay in layouts:
             kept = sum(len(s) for s in lay[1].samples)
-            assert kept + lay[1].samples_dropped == lay[0].samples.numel()
+            assert kept + lay[1].samples_dropped == lay[0].samples.total
     if cfg.num_samples == 1:
         assert any(len(s) == 0 for lay in layouts for s in lay[1].samples)
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
 CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "lm_head", "peak_memory",
                "repeats", "warmup", "num_samples", "chunk_mib", "optimizer", "torch_version"}
-RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "peak_mib",
+RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "host_median_s", "peak_mib",
                "peak_ratio_vs_reinforce"}
 
 
@@ -43,6 +43,7 @@ def check_results(results: dict, modes) -> None:
         assert set(r) == RESULT_KEYS, mode
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"], mode
         assert r["ratio_vs_reinforce"] > 0 and r["peak_mib"] > 0 and r["peak_ratio_vs_reinforce"] > 0, mode
+        assert 0 < r["host_median_s"] <= r["median_s"], mode  # issuing the step cannot outlast the step
     assert results["reinforce"]["ratio_vs_reinforce"] == 1.0 and results["reinforce"]["paired_ratio_median"] == 1.0
     assert results["reinforce"]["peak_ratio_vs_reinforce"] == 1.0
 
@@ -107,6 +108,47 @@ def test_scaling_sweep_with_short_lists_and_optimizer(tmp_path, capsys, restore_
     assert doc["results"] == doc["points"][0]["results"]  # readable by analysis.load_overhead
     printed = capsys.readouterr().out
     assert "T sweep at B=2" in printed and "B sweep at T=16" in printed
+
+
+def test_a_point_out_of_device_memory_is_recorded_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
+    import bench.overhead as overhead
+
+    real = overhead.measure
+
+    def measure(modes, batch, *args, **kwargs):
+        if batch.input_ids.shape[1] == 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.64 GiB.")
+        return real(modes, batch, *args, **kwargs)
+
+    monkeypatch.setattr(overhead, "measure", measure)
+    out = tmp_path / "scaling.json"
+    args = ["overhead", *TINY[:2], "--batch", "2", "--seq-len", "16", "--repeats", "1", "--warmup", "0",
+            "--scaling", "--scaling-T", "16,32", "--scaling-B", "3", "--malloc", "system", "--json", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert [(p["batch"], p["seq_len"]) for p in doc["points"]] == [(2, 16), (3, 16)]
+    assert doc["failed_points"] == [{"batch": 2, "seq_len": 32, "error": "out of memory"}]
+    assert "B=2 T=32 ran out of cpu memory" in capsys.readouterr().err
+
+    # A single measurement that runs out of memory: one line naming the shape, exit 1.
+    single = ["overhead", *TINY[:2], "--batch", "2", "--seq-len", "32", "--json", str(tmp_path / "s.json")]
+    assert main(single) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "ran out of memory at B=2, T=32" in lines[0] and "smaller --batch" in lines[0]
+
+
+def test_profile_writes_the_busiest_operators_of_one_step_per_mode(tmp_path, capsys, restore_threads):
+    out, prof = tmp_path / "p.json", tmp_path / "prof" / "steps.txt"
+    args = ["overhead", *TINY, "--modes", "isopo_ni:paper", "--malloc", "system", "--json", str(out),
+            "--profile", str(prof)]
+    assert main(args) == 0
+    text = prof.read_text()
+    heads = [line for line in text.splitlines() if line.startswith("== ")]
+    assert [h.split(": host")[0] for h in heads] == ["== reinforce", "== isopo_ni:paper"]
+    assert "IsopoLinearFunctionBackward" in text.split("== isopo_ni:paper")[1]
+    assert "IsopoLinearFunctionBackward" not in text.split("== isopo_ni:paper")[0]
+    assert main([*args, "--scaling"]) == 2
+    assert "--profile profiles a single measurement" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

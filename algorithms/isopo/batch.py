@@ -1,14 +1,17 @@
 """What one micro-batch tells every layer's backward: which token belongs to which sequence, the
 sequences' advantages, and the overlap sample of each layer.
 
-Everything that needs the host (counting valid tokens, drawing the samples) happens here, once, before the
-forward pass — so that no layer's backward has to synchronise with the host.
+Everything that needs the host (counting valid tokens, drawing the samples) works on a host copy of the
+sequence ids, taken once when the micro-batch is built: no layer's backward synchronises with the device,
+and building one costs a single device-to-host copy instead of a synchronisation per check.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -16,11 +19,12 @@ def draw_overlap_samples(n_valid: int, k: int, n_layers: int, seed: int, step: i
     """Indices into the micro-batch's valid tokens (row-major order), K per layer, without replacement.
 
     One generator per (seed, step, micro-batch), drawn in layer order: the same run draws the same
-    positions, and a test can recompute them with this function.
+    positions, and a test can recompute them with this function. (NumPy's draw without replacement costs
+    O(K) a layer; a permutation of every token cost O(n_valid), ~60 µs a layer at 8k tokens.)
     """
-    gen = torch.Generator().manual_seed(_mix(seed, step, micro))
+    rng = np.random.Generator(np.random.PCG64(_mix(seed, step, micro)))
     k = min(k, n_valid)
-    return torch.stack([torch.randperm(n_valid, generator=gen)[:k] for _ in range(n_layers)])
+    return torch.from_numpy(np.stack([rng.choice(n_valid, k, replace=False) for _ in range(n_layers)]))
 
 
 def _mix(*values: int) -> int:
@@ -29,6 +33,52 @@ def _mix(*values: int) -> int:
         h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto ``device`` without making the host wait: a blocking host-to-CUDA copy would
+    synchronise the stream, so it goes through pinned memory as a non-blocking copy."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class LayerSamples:
+    """Each layer's overlap-sample positions in one layout, made on first use.
+
+    First use is the first ISOPO layer's backward: the host then draws (≈ 30 µs a layer) while the device is
+    still busy with the forward pass, instead of before the step's first kernel, and every layer's positions
+    travel to the device in one copy. ``host()`` gives the per-layer host tensors without touching the device.
+    """
+
+    def __init__(self, make: Callable[[], list[torch.Tensor]], device: torch.device):
+        self._make = make
+        self._device = device
+        self._host: list[torch.Tensor] | None = None
+        self._on_device: list[torch.Tensor] | None = None
+
+    def host(self) -> list[torch.Tensor]:
+        if self._host is None:
+            self._host = self._make()
+        return self._host
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if self._on_device is None:
+            rows = self.host()
+            flat = to_device(torch.cat(rows), self._device)
+            self._on_device = list(torch.split(flat, [len(r) for r in rows]))
+        return self._on_device[layer]
+
+    def __len__(self) -> int:
+        return len(self.host())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def total(self) -> int:
+        """Sampled positions over all layers."""
+        return sum(len(r) for r in self.host())
 
 
 @dataclass
@@ -50,13 +100,12 @@ class TokenLayout:
     """(n_tokens,) A_{s(t)} at valid positions and 0 at padding: the REINFORCE per-token gradient scale."""
     token_seq: torch.Tensor
     """(n_tokens,) sequence of each position, padding mapped to 0 (always used together with token_mask)."""
-    samples: torch.Tensor | list[torch.Tensor]
-    """Positions of each layer's overlap sample, indexed by layer: (n_layers, K) in the main layout. A view
+    samples: LayerSamples
+    """Positions of each layer's overlap sample, indexed by layer (K each in the main layout). A view
     keeps, per layer, only the sampled positions it shows: a sampled token outside it has δ = 0 in this
     layer, so it adds nothing to the overlap's numerator or denominator, and dropping it before the
     backward saves its share of the overlap matmul with no data-dependent shape inside the backward."""
-    samples_dropped: int
-    """How many sampled positions, over all layers, this view left out (0 for the main layout)."""
+    main_samples: LayerSamples | None
     pad_index: torch.Tensor | None
     """(B, T_max) position of each sequence's tokens, n_tokens where padded; None when each row of a
     2-D layout is exactly one sequence (row r holds sequence r), the common case that needs no gather."""
@@ -67,40 +116,48 @@ class TokenLayout:
     def n_tokens(self) -> int:
         return self.token_mask.numel()
 
+    @property
+    def samples_dropped(self) -> int:
+        """How many sampled positions, over all layers, this view left out (0 for the main layout)."""
+        return 0 if self.main_samples is None else self.main_samples.total - self.samples.total
 
-def _layout(seq_ids: torch.Tensor, advantages: torch.Tensor, counts: torch.Tensor,
-            samples: torch.Tensor | list[torch.Tensor], samples_dropped: int) -> TokenLayout:
-    """The bookkeeping of one layout; counts = valid tokens per sequence, samples already in its positions."""
+
+def _layout(seq_ids: torch.Tensor, seq_host: torch.Tensor, advantages: torch.Tensor, counts: torch.Tensor,
+            samples: LayerSamples, main_samples: LayerSamples | None) -> TokenLayout:
+    """The bookkeeping of one layout: seq_ids on the device, seq_host its host copy, counts = valid tokens
+    per sequence (host)."""
     device, dtype = seq_ids.device, advantages.dtype
     num_seqs = advantages.numel()
     flat = seq_ids.reshape(-1)
     valid = flat >= 0
     token_adv = torch.where(valid, advantages[flat.clamp(min=0)], torch.zeros((), dtype=dtype, device=device))
-    rows = torch.arange(seq_ids.shape[0], device=device).unsqueeze(1) if seq_ids.dim() == 2 else None
-    row_layout = (
-        rows is not None and seq_ids.shape[0] == num_seqs and bool(((seq_ids == rows) | (seq_ids < 0)).all())
+    flat_host = seq_host.reshape(-1)
+    valid_host = flat_host >= 0
+    row_layout = seq_host.dim() == 2 and seq_host.shape[0] == num_seqs and bool(
+        ((seq_host == torch.arange(num_seqs).unsqueeze(1)) | (seq_host < 0)).all()
     )
     pad_index = None
-    seq_len_max = seq_ids.shape[-1]
+    seq_len_max = seq_host.shape[-1]
     if not row_layout:
         # Scatter each sequence's tokens, in order, into a (B, T_max) table of flat positions.
-        valid_pos = valid.nonzero().squeeze(1)
-        valid_seq = flat[valid_pos]
+        valid_pos = valid_host.nonzero().squeeze(1)
+        valid_seq = flat_host[valid_pos]
         seq_len_max = int(counts.max())
         order = torch.argsort(valid_seq, stable=True)
         sorted_seq = valid_seq[order]
         starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(sorted_seq.numel(), device=device) - starts[sorted_seq]
-        pad_index = torch.full((num_seqs, seq_len_max), flat.numel(), dtype=torch.long, device=device)
-        pad_index[sorted_seq, slot] = valid_pos[order]
+        slot = torch.arange(sorted_seq.numel()) - starts[sorted_seq]
+        table = torch.full((num_seqs, seq_len_max), flat_host.numel(), dtype=torch.long)
+        table[sorted_seq, slot] = valid_pos[order]
+        pad_index = to_device(table, device)
     return TokenLayout(
         shape=tuple(seq_ids.shape),
         token_mask=valid.to(dtype),
-        has_padding=not bool(valid.all()),
+        has_padding=not bool(valid_host.all()),
         token_adv=token_adv,
         token_seq=flat.clamp(min=0),
         samples=samples,
-        samples_dropped=samples_dropped,
+        main_samples=main_samples,
         pad_index=pad_index,
         seq_len_max=seq_len_max,
     )
@@ -112,6 +169,8 @@ class MicroBatch:
 
     seq_ids: torch.Tensor
     """Sequence of each input position (the main layout's shape); -1 marks padding."""
+    seq_host: torch.Tensor
+    """seq_ids on the host."""
     advantages: torch.Tensor
     """A_i, one per sequence."""
     num_seqs: int
@@ -137,7 +196,8 @@ class MicroBatch:
         seq_ids = seq_ids.long()
         advantages = advantages.reshape(-1)
         device = seq_ids.device
-        flat = seq_ids.reshape(-1)
+        seq_host = seq_ids.cpu()
+        flat = seq_host.reshape(-1)
         valid = flat >= 0
         num_seqs = advantages.numel()
         if num_seqs == 0 or not bool(valid.any()):
@@ -150,10 +210,13 @@ class MicroBatch:
         counts = torch.bincount(flat[valid_pos], minlength=num_seqs)
         if bool((counts == 0).any()):
             raise ValueError("every sequence of an ISOPO micro-batch needs at least one valid token")
-        sample_rank = draw_overlap_samples(valid_pos.numel(), k, n_layers, seed, step, index).to(device)
+
+        def draw() -> list[torch.Tensor]:
+            return list(valid_pos[draw_overlap_samples(valid_pos.numel(), k, n_layers, seed, step, index)])
+
         adv = advantages.to(device=device, dtype=dtype)
-        main = _layout(seq_ids, adv, counts, valid_pos[sample_rank], samples_dropped=0)
-        return cls(seq_ids=seq_ids, advantages=adv, num_seqs=num_seqs, index=index, layouts=[main])
+        main = _layout(seq_ids, seq_host, adv, counts, LayerSamples(draw, device), None)
+        return cls(seq_ids=seq_ids, seq_host=seq_host, advantages=adv, num_seqs=num_seqs, index=index, layouts=[main])
 
     @property
     def main(self) -> TokenLayout:
@@ -164,29 +227,34 @@ class MicroBatch:
         index of the main-layout position it shows. Layers whose activations have ``positions.shape`` as
         leading shape then use it. Positions left out must carry no gradient (δ = 0 there), as the prompt
         columns before the first response token do for the LM head."""
-        positions = positions.to(self.seq_ids.device).long()
-        shape = tuple(positions.shape)
+        pos_host = positions.cpu().long()
+        shape = tuple(pos_host.shape)
         n_main = self.main.n_tokens
         if any(layout.shape == shape for layout in self.layouts):
             raise ValueError(f"an ISOPO micro-batch already has a token layout of shape {shape}")
-        flat_pos = positions.reshape(-1)
+        flat_pos = pos_host.reshape(-1)
         if flat_pos.numel() == 0 or int(flat_pos.min()) < 0 or int(flat_pos.max()) >= n_main:
             raise ValueError(f"view positions must lie in [0, {n_main}), the main layout's positions")
         if int(torch.bincount(flat_pos, minlength=n_main).max()) > 1:
             raise ValueError("view positions must not repeat a position")
-        view_seq = self.seq_ids.reshape(-1)[flat_pos].view(shape)
-        valid = view_seq.reshape(-1) >= 0
+        view_host = self.seq_host.reshape(-1)[flat_pos].view(shape)
+        valid = view_host.reshape(-1) >= 0
         if not bool(valid.any()):
             raise ValueError("an ISOPO view needs at least one valid token")
-        counts = torch.bincount(view_seq.reshape(-1)[valid], minlength=self.num_seqs)
-        n_view = flat_pos.numel()
+        counts = torch.bincount(view_host.reshape(-1)[valid], minlength=self.num_seqs)
         # Main position -> view position, -1 outside the view.
-        inverse = torch.full((n_main,), -1, dtype=torch.long, device=flat_pos.device)
-        inverse[flat_pos] = torch.arange(n_view, device=flat_pos.device)
-        mapped = inverse[self.main.samples]
-        samples = [row[row >= 0] for row in mapped]
-        dropped = int((mapped < 0).sum())
-        layout = _layout(view_seq, self.advantages, counts, samples, dropped)
+        inverse = torch.full((n_main,), -1, dtype=torch.long)
+        inverse[flat_pos] = torch.arange(flat_pos.numel())
+        main_samples = self.main.samples
+
+        def keep_inside() -> list[torch.Tensor]:
+            mapped = [inverse[row] for row in main_samples.host()]
+            return [row[row >= 0] for row in mapped]
+
+        device = self.seq_ids.device
+        view_seq = to_device(view_host, device)
+        layout = _layout(view_seq, view_host, self.advantages, counts, LayerSamples(keep_inside, device),
+                         main_samples)
         self.layouts.append(layout)
         return layout
 

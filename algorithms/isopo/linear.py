@@ -79,7 +79,7 @@ def isopo_weight_grad(
     a_k = d_k = None
     if not interacting:
         positions = layout.samples[layer.index]
-        a_k, d_k = x_flat[positions], d_flat[positions]
+        a_k, d_k = x_flat.index_select(0, positions), d_flat.index_select(0, positions)
     k = 0 if interacting else a_k.shape[0]
     strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, interacting)
     chunk_elems = max(1, cfg.chunk_bytes // x.element_size())
@@ -91,8 +91,9 @@ def isopo_weight_grad(
     if interacting:
         w = interacting_weights(stats.ntk, mb.advantages, cfg, layer.ema)
     else:
-        dk, ak = d_k.to(stat_dtype), a_k.to(stat_dtype)
-        den = torch.sqrt(((dk * dk).sum(1) * (ak * ak).sum(1)).sum())
+        den = torch.linalg.vector_norm(
+            torch.linalg.vector_norm(d_k, dim=1, dtype=stat_dtype) * torch.linalg.vector_norm(a_k, dim=1, dtype=stat_dtype)
+        )
         w = non_interacting_weights(stats.n_sq, stats.overlap_num, den, mb.advantages, cfg, layer.ema)
     layer.last_weights = w.detach()
 

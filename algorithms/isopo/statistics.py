@@ -19,8 +19,8 @@ import torch
 class LayerStats:
     """What the weighting rules need from one layer and micro-batch."""
 
-    n_sq: torch.Tensor
-    """(B,) N_i² = ‖G_i‖_F²."""
+    n_sq: torch.Tensor | None
+    """(B,) N_i² = ‖G_i‖_F² (non-interacting only; the NTK's diagonal holds it otherwise)."""
     overlap_num: torch.Tensor | None
     """(B, K) δ_kᵀ G_i a_k for the sampled positions k (non-interacting only)."""
     ntk: torch.Tensor | None
@@ -64,28 +64,49 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk_elems, stat_dtype) -> Layer
     b, _, d_in = a.shape
     d_out = d.shape[-1]
     chunk = max(1, min(d_out, chunk_elems // max(1, b * d_in)))
-    n_sq = None if interacting else torch.zeros(b, dtype=stat_dtype, device=a.device)
-    overlap_num = None if interacting else torch.zeros(b, a_k.shape[0], dtype=stat_dtype, device=a.device)
-    ntk = torch.zeros(b, b, dtype=stat_dtype, device=a.device) if interacting else None
-    g = None
+    n_sq = overlap_num = ntk = g = None
+    if not interacting:
+        a_k = a_k.to(stat_dtype)
+    # Each statistic starts as the first chunk's value: no zero-filled accumulators, one launch fewer each
+    # (on a GPU the backward's cost is the host launching ~200 layers' small kernels, not their FLOPs).
     for lo in range(0, d_out, chunk):
         hi = min(d_out, lo + chunk)
         g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): the per-sequence gradients
         flat = g.reshape(b, -1)
         if interacting:
-            flat = flat.to(stat_dtype)
-            ntk += flat @ flat.t()  # N_i² is its diagonal: one pass over G fewer
+            part = gram_matrix(flat, stat_dtype)  # N_i² is its diagonal: one pass over G fewer
+            ntk = part if ntk is None else ntk + part
         else:
-            n_sq += torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype) ** 2
+            part_sq = torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype).square()
             # δ_kᵀ G_i a_k over this chunk of output rows. δ_kᵀ G_i first: (K, out) @ (B, out, in) runs at
             # matmul speed, while G_i a_k then a reduction over `out` of a (B, out, K) product ran at half
             # of it (measured on CPU, every layer shape of the `small` preset).
             dg = torch.matmul(d_k[:, lo:hi], g)  # (B, K, in)
-            overlap_num += (dg.to(stat_dtype) * a_k.to(stat_dtype)).sum(2)
-    if interacting:
-        n_sq = ntk.diagonal().clone()
+            part_o = (dg.to(stat_dtype) * a_k).sum(2)
+            n_sq = part_sq if n_sq is None else n_sq + part_sq
+            overlap_num = part_o if overlap_num is None else overlap_num + part_o
     whole = chunk >= d_out
     return LayerStats(n_sq=n_sq, overlap_num=overlap_num, ntk=ntk, per_seq_grad=g if whole else None)
+
+
+_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def gram_matrix(flat: torch.Tensor, stat_dtype: torch.dtype) -> torch.Tensor:
+    """flat @ flat.T in stat_dtype. A bf16/fp16 G on CUDA goes straight into a float32-output matmul where
+    this torch has one, instead of first writing a float32 copy of G (three times G's bytes of traffic)."""
+    if flat.dtype != stat_dtype and flat.is_cuda:
+        key = (flat.device.type, flat.dtype)
+        if key not in _MM_OUT_DTYPE:
+            try:
+                torch.mm(flat[:1, :1], flat[:1, :1].t(), out_dtype=stat_dtype)
+                _MM_OUT_DTYPE[key] = True
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE[key] = False
+        if _MM_OUT_DTYPE[key]:
+            return torch.mm(flat, flat.t(), out_dtype=stat_dtype)
+    flat = flat.to(stat_dtype)
+    return flat @ flat.t()
 
 
 def _gram(a, d, a_k, d_k, interacting, stat_dtype) -> LayerStats:
@@ -97,7 +118,7 @@ def _gram(a, d, a_k, d_k, interacting, stat_dtype) -> LayerStats:
         d_flat = d.reshape(b * t, -1)
         pair = (a_flat @ a_flat.t()) * (d_flat @ d_flat.t())  # (BT, BT) token-pair products
         ntk = pair.reshape(b, t, b, t).sum(dim=(1, 3))
-        return LayerStats(n_sq=ntk.diagonal().clone(), overlap_num=None, ntk=ntk, per_seq_grad=None)
+        return LayerStats(n_sq=None, overlap_num=None, ntk=ntk, per_seq_grad=None)
     n_sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
     # δ_kᵀ G_i a_k = Σ_{t∈i} (δ_k·δ_t)(a_t·a_k)
     overlap_num = ((a @ a_k.to(stat_dtype).t()) * (d @ d_k.to(stat_dtype).t())).sum(1)
