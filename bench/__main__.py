@@ -106,6 +106,9 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="PATH",
                    help="after the measurement, profile one step per mode (torch.profiler; CUDA kernels too on "
                         "cuda) and write the busiest operators per mode to this text file")
+    p.add_argument("--compile", action="store_true",
+                   help="ISOPO modes run each layer through torch.compile (IsopoConfig.compile; the warm-up "
+                        "round compiles)")
     p.add_argument("--chunk-mib", type=int, default=256,
                    help="ISOPO's chunk_bytes in MiB: above it a layer's per-sequence gradients are formed in "
                         "output chunks and its weight gradient is one more matmul (default: 256)")
@@ -140,7 +143,8 @@ def _overhead(args, argv: list[str]) -> int:
             device=args.device, model=args.model, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
             autocast=args.autocast, repeats=args.repeats, warmup=args.warmup,
             modes=[m.strip() for m in args.modes.split(",") if m.strip()] if args.modes is not None else None,
-            threads=args.threads, num_samples=args.num_samples, chunk_mib=args.chunk_mib, optimizer=args.optimizer,
+            threads=args.threads, num_samples=args.num_samples, chunk_mib=args.chunk_mib, compile=args.compile,
+            optimizer=args.optimizer,
             json=args.json, scaling=args.scaling,
             scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,
             scaling_b=parse_int_list(args.scaling_b, "--scaling-B") if args.scaling_b is not None else None,

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks of the overhead benchmark as ONE call on a lent CUDA host, which has torch and transformers
 # but nothing of the sweep's stack and no network (the overhead command needs neither):
-#   1. ISOPO on CUDA against the CPU float64 reference, and under bf16 autocast (tests/test_isopo_device.py);
+#   1. ISOPO on CUDA against the float64 reference on CUDA and on the CPU, and under bf16 autocast
+#      (tests/test_isopo_device.py);
 #   2. `python -m bench overhead` at Qwen3-0.6B shapes, B=8, T=1024, bf16 autocast, every mode (hooks too);
-#   3. the same with the LM head on the response columns (the trainer's step), reinforce / isopo_ni / isopo_int;
-#   4. step 3 again with --chunk-mib 4096, so the LM head's per-sequence gradients are kept whole (is the
-#      default 256 MiB chunking, which makes the weight gradient one more matmul, what costs the time?);
-#   5. the scaling sweep (T 256..4096 at B=8, B 4..32 at T=1024) of step 3's modes, stopped after
-#      SCALING_TIMEOUT seconds (default 180); its JSON is rewritten after every point, so it keeps what it has.
+#   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
+#      then one profiled step per mode (profile.txt: where the host's and the device's time goes);
+#   4. step 3 with --compile (ISOPO's layers through torch.compile; two warm-up rounds, which compile), stopped
+#      after COMPILE_TIMEOUT s (150);
+#   5. the scaling sweep of step 3's modes (SCALING_T at B=8, SCALING_B at T=1024, 3 timed rounds), stopped
+#      after SCALING_TIMEOUT s (180); its JSON is rewritten after every point, so it keeps what it has.
 # Usage, from the repository root: bash bench/device_check.sh [OUT]   (default OUT: results/overhead/cuda)
-# Writes machine.txt, device_tests.log, overhead.log and four JSON files into OUT (seven files); exits 1
-# if any step failed. DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here).
+# Writes machine.txt, device_tests.log, overhead.log, profile.txt and four JSON files into OUT (eight
+# files); exits 1 if any step failed. DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny
+# to try it here).
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
 device="${DEVICE:-cuda}"
@@ -33,16 +36,16 @@ status=0
 "$py" -m pytest -q -p no:cacheprovider tests/test_isopo_device.py 2>&1 | tee "$out/device_tests.log" || status=1
 
 stem="$model-$device-B8-T1024"
-"$py" -m bench overhead --device "$device" --model "$model" --repeats "$repeats" \
-    --json "$out/$stem.json" 2>&1 | tee "$out/overhead.log" || status=1
-"$py" -m bench overhead --device "$device" --model "$model" --repeats "$repeats" --lm-head response \
-    --modes reinforce,isopo_ni:paper,isopo_int --json "$out/$stem-lmhead-response.json" 2>&1 \
-    | tee -a "$out/overhead.log" || status=1
-"$py" -m bench overhead --device "$device" --model "$model" --repeats "$repeats" --lm-head response \
-    --modes reinforce,isopo_ni:paper,isopo_int --chunk-mib 4096 --json "$out/$stem-lmhead-response-chunk4096.json" \
-    2>&1 | tee -a "$out/overhead.log" || status=1
-timeout "${SCALING_TIMEOUT:-180}" "$py" -m bench overhead --device "$device" --model "$model" --repeats 5 \
-    --lm-head response --scaling --json "$out/scaling-$model-$device-lmhead-response.json" 2>&1 \
-    | tee -a "$out/overhead.log" || status=1
+three=reinforce,isopo_ni:paper,isopo_int
+overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>&1 | tee -a "$out/overhead.log"; }
+overhead --repeats "$repeats" --json "$out/$stem.json" || status=1
+overhead --repeats "$repeats" --lm-head response --modes "$three" --json "$out/$stem-lmhead-response.json" \
+    --profile "$out/profile.txt" || status=1
+timeout "${COMPILE_TIMEOUT:-150}" bash -c "$(declare -f overhead); py=$py device=$device model=$model out=$out; \
+    overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --compile \
+    --json $out/$stem-lmhead-response-compile.json" || status=1
+timeout "${SCALING_TIMEOUT:-180}" bash -c "$(declare -f overhead); py=$py device=$device model=$model out=$out; \
+    overhead --repeats 3 --lm-head response --scaling --scaling-T ${SCALING_T:-256,512,1024,2048,4096} \
+    --scaling-B ${SCALING_B:-4,8,16,32} --json $out/scaling-$model-$device-lmhead-response.json" || status=1
 
 exit "$status"

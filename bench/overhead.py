@@ -110,6 +110,8 @@ class Options:
     threads: int | None = None
     num_samples: int = 250
     chunk_mib: int = 256
+    compile: bool = False
+    """ISOPO modes run each layer's computation through torch.compile (``IsopoConfig.compile``)."""
     """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     optimizer: bool = False
     json: str | None = None
@@ -378,7 +380,7 @@ class Mode:
     """One mode's update step; ``begin``/``end`` (untimed) bracket each ``step`` (timed)."""
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
-                 chunk_bytes: int = IsopoConfig.chunk_bytes):
+                 chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False):
         from .hooks_baseline import HooksIsopo
 
         self.name = name
@@ -388,11 +390,12 @@ class Mode:
         self.engine = None
         if name.startswith("isopo_ni:"):
             cfg = IsopoConfig(variant="non_interacting", setting=name.split(":", 1)[1], num_samples=num_samples,
-                              chunk_bytes=chunk_bytes)
+                              chunk_bytes=chunk_bytes, compile=compile)
             self.engine = Isopo(model, cfg)
         elif name == "isopo_int":
             self.engine = Isopo(model, IsopoConfig(variant="interacting", setting=None, c_lambda=1.0,
-                                                   num_samples=num_samples, chunk_bytes=chunk_bytes))
+                                                   num_samples=num_samples, chunk_bytes=chunk_bytes,
+                                                   compile=compile))
         elif name == "isopo_ni_hooks":
             self.engine = HooksIsopo(model, IsopoConfig(setting="paper", num_samples=num_samples))
         elif name == "isopo_int_hooks":
@@ -577,7 +580,7 @@ def make_modes(opts: Options, model: nn.Module) -> list[Mode]:
     else:
         autocast = nullcontext
     chunk_bytes = opts.chunk_mib * 2**20
-    return [Mode(name, model, optimizer, autocast, opts.num_samples, chunk_bytes) for name in opts.modes]
+    return [Mode(name, model, optimizer, autocast, opts.num_samples, chunk_bytes, opts.compile) for name in opts.modes]
 
 
 def config_dict(opts: Options) -> dict:
@@ -595,6 +598,7 @@ def config_dict(opts: Options) -> dict:
         "warmup": opts.warmup,
         "num_samples": opts.num_samples,
         "chunk_mib": opts.chunk_mib,
+        "compile": opts.compile,
         "optimizer": "adamw" if opts.optimizer else None,
         "torch_version": torch.__version__,
     }

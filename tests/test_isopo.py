@@ -138,6 +138,31 @@ def _reinforce_grads(model, batches, n_tok):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("p, q, r", [(0.0, -1.0, -2.0), (0.0, -1.0, 0.0), (0.0, 0.0, -2.0), (0.5, 1.0, -1.5),
+                                     (1.0, 0.0, 1.0), (0.0, 2.0, 0.0)])
+def test_unregularised_weights_equal_the_spelled_out_rule_on_degenerate_statistics(p, q, r):
+    """The unregularised weights take A N^(p−r) O^(q+r); the rule spells out A N^p O^q R^r with O = 0 where
+    the overlap's denominator vanishes, R = 0 where N does, and 0 wherever the product is not finite. Rows
+    with N = 0 (then no overlap either), with O = 0 only, and a layer whose sampled tokens carry nothing."""
+    from algorithms.isopo.weights import non_interacting_weights
+
+    cfg = IsopoConfig(setting=None, p=p, q=q, r=r)
+    gen = torch.Generator().manual_seed(0)
+    norm = torch.tensor([0.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    overlap_num = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    overlap_num[0] = 0.0  # N = 0: the sequence has no gradient in this layer
+    overlap_num[1] = 0.0  # O = 0 with N > 0
+    adv = torch.tensor([1.0, -2.0, 0.5, 1.5], dtype=torch.float64)
+    for den in (torch.tensor(1.7, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)):
+        overlap = overlap_num.norm(dim=1) / den if den > 0 else torch.zeros(4, dtype=torch.float64)
+        ratio = torch.where(norm > 0, overlap / norm, 0.0)
+        expected = adv * norm**p * overlap**q * ratio**r
+        expected = torch.where(torch.isfinite(expected), expected, 0.0)
+        got = non_interacting_weights(norm, overlap_num, den, adv, cfg, {}, {})
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+        assert bool((got[2:] != 0).all()) or den == 0
+
+
 @pytest.mark.parametrize("strategy", ["instantiate", "gram"])
 def test_zero_exponents_reproduce_reinforce(strategy):
     model = tiny_qwen3()

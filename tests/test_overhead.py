@@ -25,7 +25,8 @@ from bench.overhead import make_batch as overhead_batch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
 CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "lm_head", "peak_memory",
-               "repeats", "warmup", "num_samples", "chunk_mib", "optimizer", "torch_version"}
+               "repeats", "warmup", "num_samples", "chunk_mib", "compile", "optimizer",
+               "torch_version"}
 RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "host_median_s", "peak_mib",
                "peak_ratio_vs_reinforce"}
 

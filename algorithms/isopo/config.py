@@ -57,6 +57,11 @@ class IsopoConfig:
     chunk_bytes: int = 256 * 2**20
     """Largest per-sequence-gradient block (B·out_chunk·in elements × itemsize) held at once; the output
     dimension is chunked above it (the LM head)."""
+    compile: bool = False
+    """Run each layer's ISOPO computation (statistics, weights, weighted gradient) through torch.compile:
+    a few fused kernels instead of ~30 small ones, for GPUs where launching them is what costs. The first
+    backward compiles (seconds to minutes); layers whose G is formed in chunks stay eager; if compiling
+    fails the layers run eagerly, with a warning."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

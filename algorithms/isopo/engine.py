@@ -42,6 +42,8 @@ class LinearLayer:
     ema: LayerEma
     last_weights: torch.Tensor | None = field(default=None, repr=False)
     """The per-sequence weights of the latest backward (diagnostics)."""
+    plans: dict = field(default_factory=dict, repr=False)
+    """(B, T, K, dtype, device) → the statistics strategy and chunking chosen for that shape."""
 
 
 class Isopo:

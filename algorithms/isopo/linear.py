@@ -8,16 +8,19 @@ left as it is: the advantage-free δ keeps flowing to the layers below.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .statistics import choose_strategy, layer_stats
+from .statistics import choose_strategy, gram_out_dtype_supported, layer_stats, output_chunk
 from .weights import interacting_weights, non_interacting_weights
 
 if TYPE_CHECKING:
     from .batch import MicroBatch, TokenLayout
+    from .config import IsopoConfig
     from .engine import LinearLayer
 
 
@@ -28,9 +31,11 @@ class IsopoLinearFunction(torch.autograd.Function):
         if torch.is_autocast_enabled(device_type):
             # Cast once here and keep the low-precision copies, as autocast's own linear would.
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
+            x, weight = _as(x, dtype), _as(weight, dtype)
+            bias = _as(bias, dtype) if bias is not None else None
+            with torch.autocast(device_type, enabled=False):
+                out = F.linear(x, weight, bias)
+        else:
             out = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.layer, ctx.mb, ctx.layout, ctx.has_bias = layer, mb, layout, bias is not None
@@ -38,69 +43,151 @@ class IsopoLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        layer, mb, layout = ctx.layer, ctx.mb, ctx.layout
-        with torch.autocast(grad_out.device.type, enabled=False):
-            grad_out = grad_out.to(weight.dtype)
-            grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-            grad_w = isopo_weight_grad(x, grad_out, layer, mb, layout) if ctx.needs_input_grad[1] else None
-            grad_b = None
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                d_flat = grad_out.reshape(-1, grad_out.shape[-1])
-                grad_b = layout.token_adv.to(d_flat.dtype) @ d_flat  # biases take the REINFORCE gradient
-        return grad_x, grad_w, grad_b, None, None, None
+        if torch.is_autocast_enabled(grad_out.device.type):  # a backward called inside an autocast region
+            with torch.autocast(grad_out.device.type, enabled=False):
+                return _linear_backward(ctx, grad_out)
+        return _linear_backward(ctx, grad_out)
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    layout = ctx.layout
+    grad_out = _as(grad_out, weight.dtype)
+    grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+    grad_w = isopo_weight_grad(x, grad_out, ctx.layer, ctx.mb, layout) if ctx.needs_input_grad[1] else None
+    grad_b = None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        d_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_b = _as(layout.token_adv, d_flat.dtype) @ d_flat  # biases take the REINFORCE gradient
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; a no-op ``.to`` still costs the host a few µs of argument parsing, paid per layer."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def isopo_weight_grad(
     x: torch.Tensor, d: torch.Tensor, layer: LinearLayer, mb: MicroBatch, layout: TokenLayout
 ) -> torch.Tensor:
+    """The host's part: pick the strategy and chunking, hand plain tensors to ``layer_update``, then fold
+    the statistics it recorded into the layer's EMAs."""
     cfg = layer.cfg
     d_in, d_out = x.shape[-1], d.shape[-1]
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x_flat = x.reshape(-1, d_in)
-    d_flat = d.reshape(-1, d_out)
     b, t = mb.num_seqs, layout.seq_len_max
+    positions = None if cfg.variant == "interacting" else layout.samples[layer.index]
+    k = 0 if positions is None else positions.shape[0]
+    key = (b, t, k, x.dtype, x.device)
+    kwargs = layer.plans.get(key)
+    if kwargs is None:  # decided once per shape: the host's time per layer is what a GPU backward waits on
+        strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, positions is None)
+        chunk = output_chunk(cfg.chunk_bytes, x.element_size(), b, d_in, d_out)
+        kwargs = layer.plans[key] = dict(cfg=cfg, b=b, t=t, strategy=strategy, chunk=chunk,
+                                         fp32_gram=gram_out_dtype_supported(x))
+    update = layer_update
+    if cfg.compile and kwargs["chunk"] is None and not _compile_failed:
+        update = _compiled_update()
+    args = (x.reshape(-1, d_in), d.reshape(-1, d_out), positions, mb.advantages, layer.ema.value,
+            layout.token_mask if layout.has_padding else None, layout.pad_index, layout.token_seq)
+    try:
+        grad_w, w, recorded = update(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function computes the same
+        if update is layer_update:
+            raise
+        _give_up_compiling(e)
+        grad_w, w, recorded = layer_update(*args, **kwargs)
+    for key, value in recorded.items():
+        layer.ema.record(key, value)
+    layer.last_weights = w.detach()
+    return grad_w
+
+
+def layer_update(
+    x_flat: torch.Tensor,
+    d_flat: torch.Tensor,
+    positions: torch.Tensor | None,
+    adv: torch.Tensor,
+    ema: Mapping[str, torch.Tensor],
+    token_mask: torch.Tensor | None,
+    pad_index: torch.Tensor | None,
+    token_seq: torch.Tensor,
+    *,
+    cfg: IsopoConfig,
+    b: int,
+    t: int,
+    strategy: str,
+    chunk: int | None,
+    fp32_gram: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One layer's ISOPO weight gradient from its inputs a (x_flat) and output gradients δ (d_flat), a pure
+    function of tensors: (gradient, per-sequence weights, statistics recorded for the EMAs).
+
+    positions: the overlap sample (None: interacting); token_mask: 1.0 at valid positions, None when there
+    is no padding; pad_index: (B, T) gather table of a padded layout, None when row r is sequence r."""
+    d_in, d_out = x_flat.shape[1], d_flat.shape[1]
+    stat_dtype = torch.float64 if x_flat.dtype == torch.float64 else torch.float32
 
     # Zero the padding in whichever operand is narrower: every statistic is a sum of δ_t a_tᵀ products.
-    if layout.has_padding:
-        mask = layout.token_mask.to(x.dtype).unsqueeze(1)
+    if token_mask is not None:
+        mask = _as(token_mask, x_flat.dtype).unsqueeze(1)
         if d_in <= d_out:
             x_flat = x_flat * mask
         else:
             d_flat = d_flat * mask
-    interacting = cfg.variant == "interacting"
-    if layout.pad_index is None:
+    if pad_index is None:
         a3, d3 = x_flat.view(b, t, d_in), d_flat.view(b, t, d_out)
     else:
         # One zero row appended, which pad_index reads at padding.
-        a3 = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])[layout.pad_index]
-        d3 = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])[layout.pad_index]
+        a3 = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])[pad_index]
+        d3 = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])[pad_index]
 
+    interacting = positions is None
     a_k = d_k = None
     if not interacting:
-        positions = layout.samples[layer.index]
         a_k, d_k = x_flat.index_select(0, positions), d_flat.index_select(0, positions)
-    k = 0 if interacting else a_k.shape[0]
-    strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, interacting)
-    chunk_elems = max(1, cfg.chunk_bytes // x.element_size())
-    stats = layer_stats(
-        a3, d3, a_k, d_k, interacting=interacting, strategy=strategy, chunk_elems=chunk_elems,
-        stat_dtype=stat_dtype,
-    )
+    stats = layer_stats(a3, d3, a_k, d_k, interacting=interacting, strategy=strategy, chunk=chunk,
+                        stat_dtype=stat_dtype, fp32_gram=fp32_gram)
 
+    recorded: dict[str, torch.Tensor] = {}
     if interacting:
-        w = interacting_weights(stats.ntk, mb.advantages, cfg, layer.ema)
+        w = interacting_weights(stats.ntk, adv, cfg, ema, recorded)
     else:
         den = torch.linalg.vector_norm(
             torch.linalg.vector_norm(d_k, dim=1, dtype=stat_dtype) * torch.linalg.vector_norm(a_k, dim=1, dtype=stat_dtype)
         )
-        w = non_interacting_weights(stats.n_sq, stats.overlap_num, den, mb.advantages, cfg, layer.ema)
-    layer.last_weights = w.detach()
+        w = non_interacting_weights(stats.norm, stats.overlap_num, den, adv, cfg, ema, recorded)
 
     if stats.per_seq_grad is not None:
         g = stats.per_seq_grad
-        return (w.to(g.dtype) @ g.reshape(b, -1)).view(d_out, d_in)
-    token_w = w.to(d.dtype)[layout.token_seq]
-    if layout.has_padding:
-        token_w = token_w * layout.token_mask.to(d.dtype)
-    return (d_flat * token_w.unsqueeze(1)).t() @ x_flat
+        return (_as(w, g.dtype) @ g.reshape(b, -1)).view(d_out, d_in), w, recorded
+    token_w = _as(w, d_flat.dtype)[token_seq]
+    if token_mask is not None:
+        token_w = token_w * _as(token_mask, d_flat.dtype)
+    return (d_flat * token_w.unsqueeze(1)).t() @ x_flat, w, recorded
+
+
+# -- compiled ---------------------------------------------------------------------------------------------
+# On a GPU a layer's ISOPO work is ~30 small kernels, and the host launching them (not the device running
+# them) sets the pace of the backward; torch.compile fuses them into a few. One compiled function serves
+# every layer: shapes become dynamic after the first recompile.
+_compiled = None
+_compile_failed = False
+
+
+def _compiled_update():
+    global _compiled
+    if _compiled is None:
+        import torch._dynamo
+
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        # One graph per variant, setting and EMA state (empty before the first optimizer step).
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+        _compiled = torch.compile(layer_update, fullgraph=True)
+    return _compiled
+
+
+def _give_up_compiling(error: Exception) -> None:
+    global _compile_failed
+    _compile_failed = True
+    warnings.warn(f"ISOPO: torch.compile failed ({type(error).__name__}: {error}); running the layers eagerly",
+                  RuntimeWarning, stacklevel=3)

@@ -19,10 +19,11 @@ import torch
 class LayerStats:
     """What the weighting rules need from one layer and micro-batch."""
 
-    n_sq: torch.Tensor | None
-    """(B,) N_i² = ‖G_i‖_F² (non-interacting only; the NTK's diagonal holds it otherwise)."""
+    norm: torch.Tensor | None
+    """(B,) N_i = ‖G_i‖_F (non-interacting only; the NTK's diagonal holds N_i² otherwise)."""
     overlap_num: torch.Tensor | None
-    """(B, K) δ_kᵀ G_i a_k for the sampled positions k (non-interacting only)."""
+    """(B, K) δ_kᵀ G_i a_k for the sampled positions k (non-interacting only; in the activations' dtype
+    when G was formed in one block, accumulated in float32 by the matmul that made it)."""
     ntk: torch.Tensor | None
     """(B, B) K_ij = ⟨G_i, G_j⟩_F (interacting only)."""
     per_seq_grad: torch.Tensor | None
@@ -51,60 +52,84 @@ def layer_stats(
     *,
     interacting: bool,
     strategy: str,
-    chunk_elems: int,
+    chunk: int | None,
     stat_dtype: torch.dtype,
+    fp32_gram: bool = False,
 ) -> LayerStats:
-    """a: (B, T, in), d: (B, T, out); a_k: (K, in), d_k: (K, out) the sampled tokens (non-interacting)."""
+    """a: (B, T, in), d: (B, T, out); a_k: (K, in), d_k: (K, out) the sampled tokens (non-interacting).
+    chunk: output rows of G formed at once (None: all of them); fp32_gram: this device has a matmul from
+    bf16/fp16 straight to float32 (see ``gram_out_dtype_supported``)."""
     if strategy == "instantiate":
-        return _instantiated(a, d, a_k, d_k, interacting, chunk_elems, stat_dtype)
+        return _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram)
     return _gram(a, d, a_k, d_k, interacting, stat_dtype)
 
 
-def _instantiated(a, d, a_k, d_k, interacting, chunk_elems, stat_dtype) -> LayerStats:
-    b, _, d_in = a.shape
+def output_chunk(chunk_bytes: int, itemsize: int, b: int, d_in: int, d_out: int) -> int | None:
+    """Output rows of G per block under chunk_bytes, or None when the whole G fits."""
+    chunk = max(1, min(d_out, chunk_bytes // itemsize // max(1, b * d_in)))
+    return None if chunk >= d_out else chunk
+
+
+def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram) -> LayerStats:
+    b = a.shape[0]
     d_out = d.shape[-1]
-    chunk = max(1, min(d_out, chunk_elems // max(1, b * d_in)))
-    n_sq = overlap_num = ntk = g = None
+    bounds = [(0, d_out)] if chunk is None else [(lo, min(d_out, lo + chunk)) for lo in range(0, d_out, chunk)]
+    norm = n_sq = overlap_num = ntk = g = None
     if not interacting:
-        a_k = a_k.to(stat_dtype)
+        a_col = a_k.unsqueeze(2)  # (K, in, 1)
     # Each statistic starts as the first chunk's value: no zero-filled accumulators, one launch fewer each
     # (on a GPU the backward's cost is the host launching ~200 layers' small kernels, not their FLOPs).
-    for lo in range(0, d_out, chunk):
-        hi = min(d_out, lo + chunk)
+    for lo, hi in bounds:
         g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): the per-sequence gradients
         flat = g.reshape(b, -1)
         if interacting:
-            part = gram_matrix(flat, stat_dtype)  # N_i² is its diagonal: one pass over G fewer
+            part = gram_matrix(flat, stat_dtype, fp32_gram)  # N_i² is its diagonal: one pass over G fewer
             ntk = part if ntk is None else ntk + part
-        else:
-            part_sq = torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype).square()
-            # δ_kᵀ G_i a_k over this chunk of output rows. δ_kᵀ G_i first: (K, out) @ (B, out, in) runs at
-            # matmul speed, while G_i a_k then a reduction over `out` of a (B, out, K) product ran at half
-            # of it (measured on CPU, every layer shape of the `small` preset).
-            dg = torch.matmul(d_k[:, lo:hi], g)  # (B, K, in)
-            part_o = (dg.to(stat_dtype) * a_k).sum(2)
-            n_sq = part_sq if n_sq is None else n_sq + part_sq
-            overlap_num = part_o if overlap_num is None else overlap_num + part_o
-    whole = chunk >= d_out
-    return LayerStats(n_sq=n_sq, overlap_num=overlap_num, ntk=ntk, per_seq_grad=g if whole else None)
+            continue
+        part_norm = torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype)
+        # δ_kᵀ G_i a_k over this chunk of output rows. δ_kᵀ G_i first: (K, out) @ (B, out, in) runs at
+        # matmul speed, while G_i a_k then a reduction over `out` of a (B, out, K) product ran at half
+        # of it (measured on CPU, every layer shape of the `small` preset).
+        dg = torch.bmm(d_k[:, lo:hi].expand(b, -1, -1), g)  # (B, K, in)
+        # Then the dot with a_k for every (i, k): one matmul batched over k, on a strided view of dg (no
+        # copy), accumulating in float32 even where dg is bf16, instead of a cast, a product and a sum.
+        part_o = torch.bmm(dg.transpose(0, 1), a_col).squeeze(2).t()  # (B, K)
+        if len(bounds) == 1:
+            norm, overlap_num = part_norm, part_o
+            continue
+        # Several blocks: their squared norms and their overlap numerators add up, in stat_dtype.
+        part_o = part_o.to(stat_dtype)
+        n_sq = part_norm.square() if n_sq is None else n_sq + part_norm.square()
+        overlap_num = part_o if overlap_num is None else overlap_num + part_o
+    if n_sq is not None:
+        norm = n_sq.sqrt()
+    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=ntk, per_seq_grad=g if chunk is None else None)
 
 
-_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
+_MM_OUT_DTYPE: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
-def gram_matrix(flat: torch.Tensor, stat_dtype: torch.dtype) -> torch.Tensor:
-    """flat @ flat.T in stat_dtype. A bf16/fp16 G on CUDA goes straight into a float32-output matmul where
-    this torch has one, instead of first writing a float32 copy of G (three times G's bytes of traffic)."""
-    if flat.dtype != stat_dtype and flat.is_cuda:
-        key = (flat.device.type, flat.dtype)
-        if key not in _MM_OUT_DTYPE:
-            try:
-                torch.mm(flat[:1, :1], flat[:1, :1].t(), out_dtype=stat_dtype)
-                _MM_OUT_DTYPE[key] = True
-            except (TypeError, RuntimeError, NotImplementedError):
-                _MM_OUT_DTYPE[key] = False
-        if _MM_OUT_DTYPE[key]:
-            return torch.mm(flat, flat.t(), out_dtype=stat_dtype)
+def gram_out_dtype_supported(x: torch.Tensor) -> bool:
+    """Whether a bf16/fp16 CUDA tensor can go straight into a matmul with float32 output (``torch.mm``'s
+    ``out_dtype``, CUDA only), probed once per device and dtype."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    key = (x.device, x.dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            probe = x.new_ones(1, 1)
+            torch.mm(probe, probe, out_dtype=torch.float32)
+            _MM_OUT_DTYPE[key] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
+
+
+def gram_matrix(flat: torch.Tensor, stat_dtype: torch.dtype, fp32_out: bool = False) -> torch.Tensor:
+    """flat @ flat.T in stat_dtype. With fp32_out a bf16/fp16 G goes straight into a float32-output matmul
+    instead of first being copied to float32 (three times G's bytes of memory traffic)."""
+    if fp32_out and flat.dtype != stat_dtype:
+        return torch.mm(flat, flat.t(), out_dtype=stat_dtype)
     flat = flat.to(stat_dtype)
     return flat @ flat.t()
 
@@ -118,8 +143,8 @@ def _gram(a, d, a_k, d_k, interacting, stat_dtype) -> LayerStats:
         d_flat = d.reshape(b * t, -1)
         pair = (a_flat @ a_flat.t()) * (d_flat @ d_flat.t())  # (BT, BT) token-pair products
         ntk = pair.reshape(b, t, b, t).sum(dim=(1, 3))
-        return LayerStats(n_sq=None, overlap_num=None, ntk=ntk, per_seq_grad=None)
+        return LayerStats(norm=None, overlap_num=None, ntk=ntk, per_seq_grad=None)
     n_sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
     # δ_kᵀ G_i a_k = Σ_{t∈i} (δ_k·δ_t)(a_t·a_k)
     overlap_num = ((a @ a_k.to(stat_dtype).t()) * (d @ d_k.to(stat_dtype).t())).sum(1)
-    return LayerStats(n_sq=n_sq, overlap_num=overlap_num, ntk=None, per_seq_grad=None)
+    return LayerStats(norm=n_sq.sqrt(), overlap_num=overlap_num, ntk=None, per_seq_grad=None)

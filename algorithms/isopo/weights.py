@@ -1,10 +1,14 @@
 """From a layer's statistics to the per-sequence weights of its update.
 
 Non-interacting: w_i = A_i · Ñ_i^p · Õ_i^q · R̃_i^r. Interacting: w = Ã = λ (K + λI)⁻¹ A.
-All on the device, no host synchronisation: these run inside a layer's backward.
+All on the device, no host synchronisation: these run inside a layer's backward. The weight functions are
+pure: they read the layer's EMAs from a mapping and put the values this micro-batch records into
+``recorded`` (key → tensor), which the caller folds into its ``LayerEma`` — so they can also run compiled.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -24,9 +28,6 @@ class LayerEma:
         self._sum: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
 
-    def read(self, key: str, current: torch.Tensor) -> torch.Tensor:
-        return self.value.get(key, current)
-
     def record(self, key: str, current: torch.Tensor) -> None:
         current = current.detach()
         self._sum[key] = self._sum[key] + current if key in self._sum else current
@@ -41,13 +42,15 @@ class LayerEma:
         self._count.clear()
 
 
-def regularised(x: torch.Tensor, coeff: float, form: str, ema: LayerEma, key: str) -> torch.Tensor:
-    """x̃ for a statistic x ≥ 0. With coeff = 0 it is x itself, and the EMA it would read is not kept."""
+def regularised(x: torch.Tensor, coeff: float, form: str, ema: Mapping[str, torch.Tensor],
+                recorded: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """x̃ for a statistic x ≥ 0. With coeff = 0 it is x itself, and the EMA it would read is not kept.
+    Before the first EMA update the current micro-batch's value stands in for it."""
     if coeff == 0:
         return x
     mean_sq = (x * x).mean()
-    ema.record(key, mean_sq)
-    reg = coeff * ema.read(key, mean_sq)
+    recorded[key] = mean_sq
+    reg = coeff * ema.get(key, mean_sq)
     if form == "additive":
         return torch.sqrt(x * x + reg)
     return torch.sqrt(x * x / reg + 1.0)
@@ -59,39 +62,51 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def non_interacting_weights(
-    n_sq: torch.Tensor,
+    norm: torch.Tensor,
     overlap_num: torch.Tensor,
     overlap_den: torch.Tensor,
     adv: torch.Tensor,
     cfg: IsopoConfig,
-    ema: LayerEma,
+    ema: Mapping[str, torch.Tensor],
+    recorded: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """n_sq: (B,) N_i²; overlap_num: (B, K) δ_kᵀ G_i a_k; overlap_den: ‖(‖δ_k‖‖a_k‖)_k‖₂ (a scalar).
+    """norm: (B,) N_i; overlap_num: (B, K) δ_kᵀ G_i a_k; overlap_den: ‖(‖δ_k‖‖a_k‖)_k‖₂ (a scalar).
 
     Every statistic here is a (B,)-vector, so each operation is one tiny kernel whose cost is its launch:
     a statistic with exponent 0 and no regularisation is skipped, not computed and multiplied in as 1.
     """
-    norm = torch.sqrt(n_sq)
-    overlap = _safe_div(torch.linalg.vector_norm(overlap_num, dim=1), overlap_den)
-    w = adv.to(n_sq.dtype)
+    overlap = torch.linalg.vector_norm(overlap_num, dim=1, dtype=norm.dtype) / overlap_den
+    if cfg.c_n == 0 and cfg.c_o == 0 and cfg.c_r == 0 and (cfg.q + cfg.r != 0 or cfg.q == 0):
+        # Unregularised: A N^p O^q (O/N)^r = A N^(p−r) O^(q+r), two powers instead of a ratio and three.
+        # Where N = 0 (then O = 0) or O = 0, the old form's 0-valued ratio or overlap gave 0·∞ or 0^e
+        # just as these powers do: the same weights, 0 after the clean-up below.
+        w = adv if adv.dtype == norm.dtype else adv.to(norm.dtype)
+        if cfg.p != cfg.r:
+            w = w * norm ** (cfg.p - cfg.r)
+        if cfg.q + cfg.r != 0:
+            w = w * overlap ** (cfg.q + cfg.r)
+        return torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
+    overlap = torch.where(overlap_den > 0, overlap, 0.0)
+    w = adv.to(norm.dtype)
     if cfg.p != 0 or cfg.c_n != 0:
-        w = w * regularised(norm, cfg.c_n, cfg.reg_form, ema, "N") ** cfg.p
+        w = w * regularised(norm, cfg.c_n, cfg.reg_form, ema, recorded, "N") ** cfg.p
     if cfg.q != 0 or cfg.c_o != 0:
-        w = w * regularised(overlap, cfg.c_o, cfg.reg_form, ema, "O") ** cfg.q
+        w = w * regularised(overlap, cfg.c_o, cfg.reg_form, ema, recorded, "O") ** cfg.q
     if cfg.r != 0 or cfg.c_r != 0:
         ratio = _safe_div(overlap, norm)
-        w = w * regularised(ratio, cfg.c_r, cfg.reg_form, ema, "R") ** cfg.r
+        w = w * regularised(ratio, cfg.c_r, cfg.reg_form, ema, recorded, "R") ** cfg.r
     # A sequence whose statistic is undefined in this layer (no gradient here, or an overlap sample that saw
     # none) would get 0·∞; it contributes nothing to this layer instead of poisoning the whole update.
     return torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def interacting_weights(ntk: torch.Tensor, adv: torch.Tensor, cfg: IsopoConfig, ema: LayerEma) -> torch.Tensor:
+def interacting_weights(ntk: torch.Tensor, adv: torch.Tensor, cfg: IsopoConfig, ema: Mapping[str, torch.Tensor],
+                        recorded: dict[str, torch.Tensor]) -> torch.Tensor:
     """Ã = λ (K + λI)⁻¹ A with λ = c_λ · EMA(tr K / B). Overwrites ntk's diagonal with that of K + λI."""
     diag = ntk.diagonal()
     mean_trace = diag.mean()
-    ema.record("trK", mean_trace)
-    lam = ema.read("trK", mean_trace)
+    recorded["trK"] = mean_trace
+    lam = ema.get("trK", mean_trace)
     if cfg.c_lambda != 1.0:
         lam = cfg.c_lambda * lam
     diag.add_(lam)
