@@ -163,6 +163,39 @@ def test_unregularised_weights_equal_the_spelled_out_rule_on_degenerate_statisti
         assert bool((got[2:] != 0).all()) or den == 0
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [IsopoConfig(setting="paper", num_samples=9), IsopoConfig(setting="rel_overlap", c_n=0.5, c_o=0.3, c_r=0.2),
+     IsopoConfig(variant="interacting", setting=None), IsopoConfig(setting="paper", strategy="gram")],
+    ids=["paper", "regularised", "interacting", "gram"],
+)
+def test_the_backward_never_reads_a_value_back_to_the_host(cfg):
+    """On a GPU, reading a device value on the host inside the backward (``.item()``, ``nonzero``, the pivot
+    check ``linalg.solve`` makes) stalls every layer. On this CPU the profiler still shows such reads: none
+    may happen in the backward once the micro-batch's one-off host work (drawing the samples) is done."""
+    from torch.profiler import profile
+
+    model = tiny_qwen3()
+    engine = Isopo(model, cfg)
+    batches = step_batches(0)
+    n_tok = response_tokens(batches)
+    reads = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
+    with engine.installed():
+        for _ in range(2):  # the second step reads EMAs
+            for b in batches:
+                with engine.micro_batch(b["seq_ids"], b["advantages"]) as mb:
+                    loss = -masked_sum(token_log_probs(model, b["input_ids"], b["attention_mask"]),
+                                       b["response_mask"]) / n_tok
+                    for layout in mb.layouts:
+                        layout.samples[0]  # the lazy draw and its one copy to the device
+                    with profile() as prof:
+                        loss.backward()
+                    names = [e.name for e in prof.events()]
+                    assert "IsopoLinearFunctionBackward" in names
+                    assert not [n for n in names if n in reads], sorted({n for n in names if n in reads})
+            engine.end_step()
+
+
 @pytest.mark.parametrize("strategy", ["instantiate", "gram"])
 def test_zero_exponents_reproduce_reinforce(strategy):
     model = tiny_qwen3()

@@ -102,17 +102,24 @@ def non_interacting_weights(
 
 def interacting_weights(ntk: torch.Tensor, adv: torch.Tensor, cfg: IsopoConfig, ema: Mapping[str, torch.Tensor],
                         recorded: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Ã = λ (K + λI)⁻¹ A with λ = c_λ · EMA(tr K / B). Overwrites ntk's diagonal with that of K + λI."""
-    diag = ntk.diagonal()
-    mean_trace = diag.mean()
+    """Ã = λ (K + λI)⁻¹ A with λ = c_λ · EMA(tr K / B).
+
+    The B × B system is solved by Cholesky and two triangular solves, in float64 (a few hundred flops): none
+    of them checks its result on the host, where ``linalg.solve`` (even ``solve_ex``) reads its pivots back
+    and so synchronised every layer's backward with the device. K + λI is SPD for λ > 0; should the
+    factorisation still fail (λ = 0: every G_i vanished in this layer, so any weight gives the same zero
+    update), the weights fall back to A, the λ → ∞ limit.
+    """
+    mean_trace = ntk.diagonal().mean()
     recorded["trK"] = mean_trace
     lam = ema.get("trK", mean_trace)
     if cfg.c_lambda != 1.0:
         lam = cfg.c_lambda * lam
-    diag.add_(lam)
+    system = ntk.to(torch.float64)
+    system.diagonal().add_(lam)
+    chol, info = torch.linalg.cholesky_ex(system)
+    y = torch.linalg.solve_triangular(chol, adv.to(torch.float64).unsqueeze(1), upper=False)
+    solution = torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(1)
     adv = adv.to(ntk.dtype)
-    # solve_ex skips the error check that would synchronise with the host; K + λI is SPD when λ > 0.
-    solution, _ = torch.linalg.solve_ex(ntk, adv.unsqueeze(1))
-    w = lam * solution.squeeze(1)
-    # λ = 0 only when every G_i vanishes in this layer, and then any weight gives the same zero update.
-    return torch.where(lam > 0, w, adv)
+    w = (lam * solution).to(ntk.dtype)
+    return torch.where((info == 0) & (lam > 0), w, adv)
