@@ -8,15 +8,17 @@ import numpy as np
 import pandas as pd
 
 BASE_MODE = "reinforce"
-COLUMNS = ["group", "device", "date", "source", "model", "batch", "seq_len", "lm_head", "mode", "median_s",
-           "min_s", "max_s", "time_ratio", "paired_ratio", "peak_mib", "mem_ratio"]
-SCALING_COLUMNS = ["group", "device", "date", "source", "model", "lm_head", "fixed_batch", "fixed_seq_len",
+COLUMNS = ["group", "device", "date", "source", "model", "batch", "seq_len", "lm_head", "compile", "mode",
+           "median_s", "min_s", "max_s", "host_s", "time_ratio", "paired_ratio", "peak_mib", "mem_ratio"]
+SCALING_COLUMNS = ["group", "device", "date", "source", "model", "lm_head", "compile", "fixed_batch", "fixed_seq_len",
                    "batch", "seq_len", "mode", "median_s", "time_ratio", "paired_ratio", "mem_ratio"]
 
 
 def overhead_table(docs: list[dict]) -> pd.DataFrame:
     """One row per (file, mode): timings, peak memory and their ratios to ``reinforce`` in the same file.
 
+    ``host_s`` is the median time until the host had issued the step (NaN in files from before it was
+    measured): on CUDA, host_s close to median_s means launching kernels, not running them, set the pace.
     A ratio missing from the JSON is recomputed from the file's reinforce entry (NaN without one).
     ``group`` labels one device/config (one file) for grouping bars.
     """
@@ -31,6 +33,7 @@ def overhead_table(docs: list[dict]) -> pd.DataFrame:
         for mode, res in results.items():
             rows.append({**facts, **shape, "mode": mode, "median_s": float(res["median_s"]),
                          "min_s": float(res["min_s"]), "max_s": float(res["max_s"]),
+                         "host_s": float(res.get("host_median_s", np.nan)),
                          "peak_mib": float(res["peak_mib"]), **_ratios(res, results)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -66,6 +69,7 @@ def _file_facts(doc: dict) -> tuple[dict, dict]:
         "device": str(doc["device"]), "date": str(doc["date"]), "source": source,
         "model": config.get("model"),
         "lm_head": config.get("lm_head", "all"),  # files written before the option: every position
+        "compile": bool(config.get("compile", False)),  # ISOPO's layers through torch.compile
     }
     return facts, config
 

@@ -205,9 +205,11 @@ def _render(sweep_dir, metrics, runs, config, tables, figures, tex_missing, marg
                 "Table files: [CSV](tables/val_acc_spread.csv), [LaTeX](tables/val_acc_spread.tex)", ""])
     if "overhead" in tables:
         section("Overhead", "overhead",
-                "Per benchmark file (device, date, model preset, B, T and whether the LM head ran on every "
-                "position or on the response columns): median/min/max seconds per update and peak memory "
-                "(MiB), with ratios to reinforce measured in the same file.")
+                "Per benchmark file (device, date, model preset, B, T, whether the LM head ran on every "
+                "position or on the response columns, whether ISOPO's layers ran through torch.compile): "
+                "median/min/max seconds per update, host_s (median seconds until the host had issued the "
+                "step; on a GPU, close to median_s means the host's kernel launches set the pace) and peak "
+                "memory (MiB), with ratios to reinforce measured in the same file.")
         figure("overhead", "Time and peak memory relative to reinforce (dashed line: parity)")
     if "overhead_scaling" in tables:
         section("Overhead scaling", "overhead_scaling",
