@@ -196,6 +196,21 @@ def test_the_backward_never_reads_a_value_back_to_the_host(cfg):
             engine.end_step()
 
 
+def test_compiled_layers_match_the_reference():
+    """IsopoConfig.compile: every layer's update through torch.compile (here inductor's CPU backend) is the
+    same function, so it meets the reference as the eager one does — the padded gather, the EMAs of a
+    regularised setting and of the interacting damping over two steps, and next to them the layers whose G is
+    formed in chunks (with 40 kB: the MLP's at B = 4), which stay eager."""
+    import algorithms.isopo.linear as linear
+
+    for cfg in (IsopoConfig(setting="rel_overlap", c_n=0.5, c_o=0.3, c_r=0.2, num_samples=9, seed=3,
+                            chunk_bytes=40_000),
+                IsopoConfig(variant="interacting", setting=None, c_lambda=0.5)):
+        run_against_reference(cfg, [cfg.replace(compile=True)], steps=2)
+    # A failed compile would have fallen back to eager and hidden the comparison.
+    assert linear._compiled is not None and not linear._compile_failed
+
+
 @pytest.mark.parametrize("strategy", ["instantiate", "gram"])
 def test_zero_exponents_reproduce_reinforce(strategy):
     model = tiny_qwen3()

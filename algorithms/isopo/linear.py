@@ -91,13 +91,15 @@ def isopo_weight_grad(
             layout.token_mask if layout.has_padding else None, layout.pad_index, layout.token_seq)
     try:
         grad_w, w, recorded = update(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function computes the same
         if update is layer_update:
             raise
         _give_up_compiling(e)
         grad_w, w, recorded = layer_update(*args, **kwargs)
-    for key, value in recorded.items():
-        layer.ema.record(key, value)
+    for name, value in recorded.items():
+        layer.ema.record(name, value)
     layer.last_weights = w.detach()
     return grad_w
 
@@ -167,8 +169,8 @@ def layer_update(
 
 
 # -- compiled ---------------------------------------------------------------------------------------------
-# On a GPU a layer's ISOPO work is ~30 small kernels, and the host launching them (not the device running
-# them) sets the pace of the backward; torch.compile fuses them into a few. One compiled function serves
+# On a GPU a layer's ISOPO work is ~20 small kernels, and the host launching them (not the device running
+# them) sets the pace of the backward (BENCHMARKS.md); torch.compile fuses them into fewer. One compiled function serves
 # every layer: shapes become dynamic after the first recompile.
 _compiled = None
 _compile_failed = False
