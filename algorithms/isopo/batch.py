@@ -248,8 +248,9 @@ class MicroBatch:
         main_samples = self.main.samples
 
         def keep_inside() -> list[torch.Tensor]:
-            mapped = [inverse[row] for row in main_samples.host()]
-            return [row[row >= 0] for row in mapped]
+            mapped = inverse[torch.stack(main_samples.host())]  # (n_layers, K): every main row has K positions
+            inside = mapped >= 0
+            return list(torch.split(mapped[inside], inside.sum(1).tolist()))
 
         device = self.seq_ids.device
         view_seq = to_device(view_host, device)

@@ -120,6 +120,5 @@ def interacting_weights(ntk: torch.Tensor, adv: torch.Tensor, cfg: IsopoConfig, 
     chol, info = torch.linalg.cholesky_ex(system)
     y = torch.linalg.solve_triangular(chol, adv.to(torch.float64).unsqueeze(1), upper=False)
     solution = torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(1)
-    adv = adv.to(ntk.dtype)
     w = (lam * solution).to(ntk.dtype)
-    return torch.where((info == 0) & (lam > 0), w, adv)
+    return torch.where((info == 0) & (lam > 0), w, adv if adv.dtype == ntk.dtype else adv.to(ntk.dtype))
