@@ -28,6 +28,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
+# The CPU overhead measurement of BENCHMARKS.md (~5 min on 2 cores); JSON under results/overhead/.
+bench: $(STAMP)
+	$(PY) -m bench overhead --model small --batch 8 --seq-len 1024 --threads 1 --repeats 15 \
+		--modes reinforce,isopo_ni:paper,isopo_int --lm-head response
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check algorithms bench tasks analysis tests
 
