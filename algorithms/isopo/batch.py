@@ -106,6 +106,7 @@ class TokenLayout:
     layer, so it adds nothing to the overlap's numerator or denominator, and dropping it before the
     backward saves its share of the overlap matmul with no data-dependent shape inside the backward."""
     main_samples: LayerSamples | None
+    """The main layout's samples, which a view's are mapped from (None for the main layout itself)."""
     pad_index: torch.Tensor | None
     """(B, T_max) position of each sequence's tokens, n_tokens where padded; None when each row of a
     2-D layout is exactly one sequence (row r holds sequence r), the common case that needs no gather."""
