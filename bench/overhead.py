@@ -110,9 +110,9 @@ class Options:
     threads: int | None = None
     num_samples: int = 250
     chunk_mib: int = 256
+    """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     compile: bool = False
     """ISOPO modes run each layer's computation through torch.compile (``IsopoConfig.compile``)."""
-    """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     optimizer: bool = False
     json: str | None = None
     scaling: bool = False
