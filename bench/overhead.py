@@ -545,7 +545,11 @@ def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows
         events = prof.key_averages()
         host_ms = sum(e.self_cpu_time_total for e in events) / 1e3
         device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
-        parts = [f"== {mode.name}: host {host_ms:.1f} ms, device {device_ms:.1f} ms (self times summed)",
+        # What a GPU step's host cost scales with: operators dispatched, kernels launched.
+        ops = sum(e.count for e in events if e.key.startswith("aten::"))
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx"))
+        parts = [f"== {mode.name}: host {host_ms:.1f} ms, device {device_ms:.1f} ms (self times summed), "
+                 f"{ops} aten operator calls, {launches} kernel launches",
                  events.table(sort_by="self_cpu_time_total", row_limit=rows)]
         if device == "cuda":
             parts.append(events.table(sort_by="self_device_time_total", row_limit=rows))

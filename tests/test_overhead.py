@@ -146,6 +146,9 @@ def test_profile_writes_the_busiest_operators_of_one_step_per_mode(tmp_path, cap
     text = prof.read_text()
     heads = [line for line in text.splitlines() if line.startswith("== ")]
     assert [h.split(": host")[0] for h in heads] == ["== reinforce", "== isopo_ni:paper"]
+    ops = {h.split(": host")[0]: int(h.split(", ")[-2].split()[0]) for h in heads}
+    assert ops["== isopo_ni:paper"] > ops["== reinforce"] > 0  # ISOPO's statistics are extra operators
+    assert all(h.endswith(", 0 kernel launches") for h in heads)  # none on a CPU
     assert "IsopoLinearFunctionBackward" in text.split("== isopo_ni:paper")[1]
     assert "IsopoLinearFunctionBackward" not in text.split("== isopo_ni:paper")[0]
     assert main([*args, "--scaling"]) == 2
