@@ -554,10 +554,7 @@ def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows
         if device == "cuda":
             parts.append(events.table(sort_by="self_device_time_total", row_limit=rows))
         sections.append("\n".join(parts))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n\n".join(sections) + "\n")
 
 
 def public(results: dict[str, dict]) -> dict[str, dict]:
@@ -609,11 +606,15 @@ def config_dict(opts: Options) -> dict:
 
 
 def write_json(path: Path, doc: dict) -> None:
-    """Atomically: a temporary file in the same folder, then a rename."""
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A temporary file in the same folder, then a rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 from isopo_fixtures import masked_sum, tiny_qwen3, token_log_probs
-from test_isopo import assert_rel_close, efficient_step, reference_step, response_tokens, step_batches
+from test_isopo import (
+    _reinforce_grads,
+    assert_rel_close,
+    efficient_step,
+    reference_step,
+    response_tokens,
+    step_batches,
+)
 
 from algorithms.isopo import Isopo, IsopoConfig
 from algorithms.isopo.reference import ReferenceIsopo
@@ -49,19 +56,11 @@ def test_isopo_on_the_device_matches_the_float64_reference(device, name):
     cpu_model = tiny_qwen3()
     cpu_expected = reference_step(cpu_model, ReferenceIsopo(cpu_model, cfg), cpu_batches, n_tok, 0, engine_layers,
                                   cfg.num_samples, cfg.seed)
-    plain_here, plain_cpu = _plain_grads(model, batches, n_tok), _plain_grads(cpu_model, cpu_batches, n_tok)
+    plain_here, plain_cpu = _reinforce_grads(model, batches, n_tok), _reinforce_grads(cpu_model, cpu_batches, n_tok)
     for param, ref in cpu_expected.items():
         floor = float((plain_here[param].cpu() - plain_cpu[param]).norm() / plain_cpu[param].norm())
         err = float((grads[param] - ref).norm() / ref.norm())
         assert err <= max(100 * floor, 1e-10), f"{param}: {err:.2e} against the model's own {floor:.2e}"
-
-
-def _plain_grads(model, batches, n_tok):
-    model.zero_grad(set_to_none=True)
-    for b in batches:
-        logp = token_log_probs(model, b["input_ids"], b["attention_mask"])
-        (-masked_sum(logp, b["response_mask"], b["advantages"]) / n_tok).backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("device", DEVICES)
