@@ -89,7 +89,8 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
 
     p.error = one_line_error  # one clear line, like every other bad input of this CLI
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--model", default="small", help="preset: tiny, small, qwen3-0.6b (default: small)")
+    p.add_argument("--model", default="small", help="preset: tiny, small, qwen3-0.6b, deep-narrow (0.6B's 28 blocks at width 64: "
+                   "a GPU-free proxy for the host's per-operator cost) (default: small)")
     p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch B (default: 8)")
     p.add_argument("--seq-len", type=int, default=1024,
                    help="tokens per sequence T; first half prompt, second half response (default: 1024)")
@@ -109,6 +110,8 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="ISOPO modes run each layer through torch.compile (IsopoConfig.compile; the warm-up "
                         "round compiles)")
+    p.add_argument("--strategy", default="auto",
+                   help="ISOPO's per-layer statistics: auto (by FLOP count), instantiate or gram (default: auto)")
     p.add_argument("--chunk-mib", type=int, default=256,
                    help="ISOPO's chunk_bytes in MiB: above it a layer's per-sequence gradients are formed in "
                         "output chunks and its weight gradient is one more matmul (default: 256)")
@@ -144,6 +147,7 @@ def _overhead(args, argv: list[str]) -> int:
             autocast=args.autocast, repeats=args.repeats, warmup=args.warmup,
             modes=[m.strip() for m in args.modes.split(",") if m.strip()] if args.modes is not None else None,
             threads=args.threads, num_samples=args.num_samples, chunk_mib=args.chunk_mib, compile=args.compile,
+            strategy=args.strategy,
             optimizer=args.optimizer,
             json=args.json, scaling=args.scaling,
             scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,

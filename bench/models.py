@@ -114,7 +114,14 @@ def _qwen3_0_6b(vocab_size: int | None) -> Qwen3Config:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "qwen3-0.6b": _qwen3_0_6b}
+def _deep_narrow(vocab_size: int | None) -> Qwen3Config:
+    # Qwen3-0.6B's depth (28 blocks: 196 linear layers and the LM head) at widths where the arithmetic is
+    # negligible: a step's time is then the host's per-operator work, which is what sets the pace of an
+    # ISOPO step on a GPU (BENCHMARKS.md). A GPU-free proxy for that cost.
+    return tiny_qwen3_config(vocab_size or 256, hidden=64, layers=28, heads=4, kv_heads=2, max_position=1024)
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "qwen3-0.6b": _qwen3_0_6b, "deep-narrow": _deep_narrow}
 
 
 def preset_config(name: str, vocab_size: int | None = None) -> Qwen3Config:

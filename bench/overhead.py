@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from algorithms.isopo import Isopo, IsopoConfig
+from algorithms.isopo.config import STRATEGIES
 
 MODES = (
     "reinforce",
@@ -80,7 +81,7 @@ MODES = (
 SCALING_MODES = ("reinforce", "isopo_ni:paper", "isopo_int")
 SCALING_T = (256, 512, 1024, 2048, 4096)
 SCALING_B = (4, 8, 16, 32)
-MODELS = ("tiny", "small", "qwen3-0.6b")
+MODELS = ("tiny", "small", "qwen3-0.6b", "deep-narrow")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TINY_VOCAB = 4096
 BASE = "reinforce"
@@ -113,6 +114,8 @@ class Options:
     """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     compile: bool = False
     """ISOPO modes run each layer's computation through torch.compile (``IsopoConfig.compile``)."""
+    strategy: str = "auto"
+    """ISOPO's per-layer statistics route (``IsopoConfig.strategy``): auto, instantiate or gram."""
     optimizer: bool = False
     json: str | None = None
     scaling: bool = False
@@ -166,6 +169,8 @@ def validate(opts: Options) -> Options:
         raise OverheadError(f"--num-samples must be a positive integer; got {opts.num_samples}")
     if opts.chunk_mib < 1:
         raise OverheadError(f"--chunk-mib must be a positive integer; got {opts.chunk_mib}")
+    if opts.strategy not in STRATEGIES:
+        raise OverheadError(f"unknown --strategy {opts.strategy!r}; valid: {', '.join(STRATEGIES)}")
     if opts.lm_head not in LM_HEADS:
         raise OverheadError(f"unknown --lm-head {opts.lm_head!r}; valid: {', '.join(LM_HEADS)}")
     if opts.malloc not in MALLOC_POLICIES:
@@ -380,7 +385,7 @@ class Mode:
     """One mode's update step; ``begin``/``end`` (untimed) bracket each ``step`` (timed)."""
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
-                 chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False):
+                 chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False, strategy: str = "auto"):
         from .hooks_baseline import HooksIsopo
 
         self.name = name
@@ -390,12 +395,12 @@ class Mode:
         self.engine = None
         if name.startswith("isopo_ni:"):
             cfg = IsopoConfig(variant="non_interacting", setting=name.split(":", 1)[1], num_samples=num_samples,
-                              chunk_bytes=chunk_bytes, compile=compile)
+                              chunk_bytes=chunk_bytes, compile=compile, strategy=strategy)
             self.engine = Isopo(model, cfg)
         elif name == "isopo_int":
             self.engine = Isopo(model, IsopoConfig(variant="interacting", setting=None, c_lambda=1.0,
                                                    num_samples=num_samples, chunk_bytes=chunk_bytes,
-                                                   compile=compile))
+                                                   compile=compile, strategy=strategy))
         elif name == "isopo_ni_hooks":
             self.engine = HooksIsopo(model, IsopoConfig(setting="paper", num_samples=num_samples))
         elif name == "isopo_int_hooks":
@@ -581,7 +586,8 @@ def make_modes(opts: Options, model: nn.Module) -> list[Mode]:
     else:
         autocast = nullcontext
     chunk_bytes = opts.chunk_mib * 2**20
-    return [Mode(name, model, optimizer, autocast, opts.num_samples, chunk_bytes, opts.compile) for name in opts.modes]
+    return [Mode(name, model, optimizer, autocast, opts.num_samples, chunk_bytes, opts.compile, opts.strategy)
+            for name in opts.modes]
 
 
 def config_dict(opts: Options) -> dict:
@@ -600,6 +606,7 @@ def config_dict(opts: Options) -> dict:
         "num_samples": opts.num_samples,
         "chunk_mib": opts.chunk_mib,
         "compile": opts.compile,
+        "strategy": opts.strategy,
         "optimizer": "adamw" if opts.optimizer else None,
         "torch_version": torch.__version__,
     }

@@ -18,14 +18,14 @@ from isopo_fixtures import make_batch, masked_sum, tiny_qwen3, token_log_probs
 from algorithms.isopo import Isopo, IsopoConfig
 from bench.__main__ import main
 from bench.hooks_baseline import HooksIsopo
-from bench.overhead import MODES, SCALING_MODES, Mode, PeakRss, set_malloc_policy
+from bench.overhead import MODES, SCALING_MODES, Mode, Options, PeakRss, build, set_malloc_policy
 from bench.overhead import _heap as overhead_heap
 from bench.overhead import make_batch as overhead_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
 CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "lm_head", "peak_memory",
-               "repeats", "warmup", "num_samples", "chunk_mib", "compile", "optimizer",
+               "repeats", "warmup", "num_samples", "chunk_mib", "compile", "strategy", "optimizer",
                "torch_version"}
 RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "host_median_s", "peak_mib",
                "peak_ratio_vs_reinforce"}
@@ -90,7 +90,7 @@ def test_overhead_needs_neither_the_sweep_stack_nor_verl(tmp_path):
     bad = subprocess.run([sys.executable, "-c", script, "overhead", "--model", "nope"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: unknown model preset 'nope'; valid presets: tiny, small, qwen3-0.6b"]
+        "error: unknown model preset 'nope'; valid presets: tiny, small, qwen3-0.6b, deep-narrow"]
 
 
 def test_scaling_sweep_with_short_lists_and_optimizer(tmp_path, capsys, restore_threads):
@@ -171,6 +171,7 @@ def test_profile_writes_the_busiest_operators_of_one_step_per_mode(tmp_path, cap
         (["--malloc", "jemalloc"], "unknown --malloc 'jemalloc'"),
         (["--lm-head", "prompt"], "unknown --lm-head 'prompt'"),
         (["--chunk-mib", "0"], "--chunk-mib must be a positive integer"),
+        (["--strategy", "fastest"], "unknown --strategy 'fastest'; valid: auto, instantiate, gram"),
     ],
 )
 def test_bad_options_give_one_clear_error_line_and_exit_2(args, fragment, capsys):
@@ -246,6 +247,22 @@ def test_chunk_size_reaches_the_engine_and_leaves_the_gradient_unchanged():
             scale = max(float(expected.abs().max()), 1.0)
             torch.testing.assert_close(grads[0][param], expected, rtol=1e-10, atol=1e-12 * scale,
                                        msg=lambda m, name=name, param=param: f"{name} {param}: {m}")
+
+
+def test_deep_narrow_preset_and_strategy_reach_the_engine(tmp_path, restore_threads):
+    """The host-cost proxy: Qwen3-0.6B's 28 blocks at width 64, with the statistics route forced."""
+    out = tmp_path / "dn.json"
+    args = ["overhead", "--model", "deep-narrow", "--batch", "2", "--seq-len", "8", "--num-samples", "4",
+            "--strategy", "instantiate", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--modes", "isopo_int", "--malloc", "system", "--json", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["model"] == "deep-narrow" and doc["config"]["strategy"] == "instantiate"
+    model, _ = build(Options(model="deep-narrow"), 8)
+    assert model.config.num_hidden_layers == 28 and model.config.hidden_size == 64
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 28 * 7 + 1
+    mode = Mode("isopo_ni:paper", model, None, nullcontext, num_samples=4, strategy="gram")
+    assert mode.engine.cfg.strategy == "gram"
 
 
 # -- the hook-based baseline equals the efficient engine ---------------------------------------------------
