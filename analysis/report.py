@@ -206,7 +206,8 @@ def _render(sweep_dir, metrics, runs, config, tables, figures, tex_missing, marg
     if "overhead" in tables:
         section("Overhead", "overhead",
                 "Per benchmark file (device, date, model preset, B, T, whether the LM head ran on every "
-                "position or on the response columns, whether ISOPO's layers ran through torch.compile): "
+                "position or on the response columns, whether ISOPO's layers ran through torch.compile or "
+                "replayed their tails as CUDA graphs): "
                 "median/min/max seconds per update, host_s (median seconds until the host had issued the "
                 "step; on a GPU, close to median_s means the host's kernel launches set the pace) and peak "
                 "memory (MiB), with ratios to reinforce measured in the same file.")

@@ -110,6 +110,9 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="ISOPO modes run each layer through torch.compile (IsopoConfig.compile; the warm-up "
                         "round compiles)")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true",
+                   help="ISOPO modes replay each layer's small-tensor tail as one CUDA graph per shape "
+                        "(IsopoConfig.cuda_graphs; the warm-up round captures; CUDA only)")
     p.add_argument("--strategy", default="auto",
                    help="ISOPO's per-layer statistics: auto (by FLOP count), instantiate or gram (default: auto)")
     p.add_argument("--chunk-mib", type=int, default=256,
@@ -147,7 +150,7 @@ def _overhead(args, argv: list[str]) -> int:
             autocast=args.autocast, repeats=args.repeats, warmup=args.warmup,
             modes=[m.strip() for m in args.modes.split(",") if m.strip()] if args.modes is not None else None,
             threads=args.threads, num_samples=args.num_samples, chunk_mib=args.chunk_mib, compile=args.compile,
-            strategy=args.strategy,
+            strategy=args.strategy, cuda_graphs=args.cuda_graphs,
             optimizer=args.optimizer,
             json=args.json, scaling=args.scaling,
             scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,

@@ -6,16 +6,20 @@
 #   2. `python -m bench overhead` at Qwen3-0.6B shapes, B=8, T=1024, bf16 autocast, every mode (hooks too);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
 #      then one profiled step per mode (profile.txt: where the host's and the device's time goes);
-#   4. step 3 with --compile (ISOPO's layers through torch.compile; two warm-up rounds, which compile), stopped
-#      after COMPILE_TIMEOUT s (150);
-#   5. the scaling sweep of step 3's modes (SCALING_T at B=8, default 256..2048; SCALING_B at T=1024, default
-#      4..16: B=8 × T=4096 runs REINFORCE itself out of an 80 GB card; 3 timed rounds), stopped
-#      after SCALING_TIMEOUT s (180); its JSON is rewritten after every point, so it keeps what it has.
+#   4. step 3 with --cuda-graphs (each layer's small-tensor tail replayed as one CUDA graph; two warm-up
+#      rounds, which capture), with its own profile (profile-graphs.txt), stopped after GRAPHS_TIMEOUT s (150);
+#   5. only with COMPILE=1: step 3 with --compile (two warm-up rounds, which compile), stopped after
+#      COMPILE_TIMEOUT s (150);
+#   6. the scaling sweep of step 3's modes (SCALING_T at B=8, default 256..2048; SCALING_B at T=1024, default
+#      4..16: B=8 × T=4096 runs REINFORCE itself out of an 80 GB card; 3 timed rounds) with SCALING_FLAGS
+#      (default none; e.g. --cuda-graphs), stopped after SCALING_TIMEOUT s (180); its JSON is rewritten after
+#      every point, so it keeps what it has.
 # Usage, from the repository root: bash bench/device_check.sh [OUT]   (default OUT: results/overhead/cuda)
-# Writes machine.txt, device_tests.log, overhead.log, profile.txt and four JSON files into OUT (eight
-# files); exits 1 if any step failed. DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny
-# to try it here). On an H100 the whole call took 268 s with REPEATS=8 COMPILE_TIMEOUT=90 SCALING_TIMEOUT=75
-# (2026-11-26), plus ~30 s to start the machine.
+# Writes machine.txt, device_tests.log, overhead.log, profile.txt, profile-graphs.txt and four JSON files
+# into OUT (nine files; ten with COMPILE=1); exits 1 if any step failed. DEVICE, MODEL and REPEATS override
+# the defaults (DEVICE=cpu MODEL=tiny to try it here: step 4 then fails, as --cuda-graphs needs CUDA). On an
+# H100 the call with the compile step instead of step 4 took 268 s with REPEATS=8 COMPILE_TIMEOUT=90
+# SCALING_TIMEOUT=75 (2026-11-26), plus ~30 s to start the machine.
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
 device="${DEVICE:-cuda}"
@@ -43,11 +47,17 @@ overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>
 overhead --repeats "$repeats" --json "$out/$stem.json" || status=1
 overhead --repeats "$repeats" --lm-head response --modes "$three" --json "$out/$stem-lmhead-response.json" \
     --profile "$out/profile.txt" || status=1
-timeout "${COMPILE_TIMEOUT:-150}" bash -c "$(declare -f overhead); py=$py device=$device model=$model out=$out; \
-    overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --compile \
-    --json $out/$stem-lmhead-response-compile.json" || status=1
+timeout "${GRAPHS_TIMEOUT:-150}" bash -c "$(declare -f overhead); py=$py device=$device model=$model out=$out; \
+    overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --cuda-graphs \
+    --json $out/$stem-lmhead-response-graphs.json --profile $out/profile-graphs.txt" || status=1
+if [ "${COMPILE:-0}" = 1 ]; then
+    timeout "${COMPILE_TIMEOUT:-150}" bash -c "$(declare -f overhead); py=$py device=$device model=$model out=$out; \
+        overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --compile \
+        --json $out/$stem-lmhead-response-compile.json" || status=1
+fi
 timeout "${SCALING_TIMEOUT:-180}" bash -c "$(declare -f overhead); py=$py device=$device model=$model out=$out; \
     overhead --repeats 3 --lm-head response --scaling --scaling-T ${SCALING_T:-256,512,1024,2048} \
-    --scaling-B ${SCALING_B:-4,8,16} --json $out/scaling-$model-$device-lmhead-response.json" || status=1
+    --scaling-B ${SCALING_B:-4,8,16} ${SCALING_FLAGS:-} \
+    --json $out/scaling-$model-$device-lmhead-response.json" || status=1
 
 exit "$status"

@@ -114,6 +114,8 @@ class Options:
     """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     compile: bool = False
     """ISOPO modes run each layer's computation through torch.compile (``IsopoConfig.compile``)."""
+    cuda_graphs: bool = False
+    """ISOPO modes replay each layer's tail as a CUDA graph (``IsopoConfig.cuda_graphs``; CUDA only)."""
     strategy: str = "auto"
     """ISOPO's per-layer statistics route (``IsopoConfig.strategy``): auto, instantiate or gram."""
     optimizer: bool = False
@@ -169,6 +171,10 @@ def validate(opts: Options) -> Options:
         raise OverheadError(f"--num-samples must be a positive integer; got {opts.num_samples}")
     if opts.chunk_mib < 1:
         raise OverheadError(f"--chunk-mib must be a positive integer; got {opts.chunk_mib}")
+    if opts.cuda_graphs and opts.device != "cuda":
+        raise OverheadError("--cuda-graphs needs --device cuda")
+    if opts.cuda_graphs and opts.compile:
+        raise OverheadError("--cuda-graphs and --compile are alternatives; pick one")
     if opts.strategy not in STRATEGIES:
         raise OverheadError(f"unknown --strategy {opts.strategy!r}; valid: {', '.join(STRATEGIES)}")
     if opts.lm_head not in LM_HEADS:
@@ -385,7 +391,8 @@ class Mode:
     """One mode's update step; ``begin``/``end`` (untimed) bracket each ``step`` (timed)."""
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
-                 chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False, strategy: str = "auto"):
+                 chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False, strategy: str = "auto",
+                 cuda_graphs: bool = False):
         from .hooks_baseline import HooksIsopo
 
         self.name = name
@@ -395,12 +402,12 @@ class Mode:
         self.engine = None
         if name.startswith("isopo_ni:"):
             cfg = IsopoConfig(variant="non_interacting", setting=name.split(":", 1)[1], num_samples=num_samples,
-                              chunk_bytes=chunk_bytes, compile=compile, strategy=strategy)
+                              chunk_bytes=chunk_bytes, compile=compile, strategy=strategy, cuda_graphs=cuda_graphs)
             self.engine = Isopo(model, cfg)
         elif name == "isopo_int":
             self.engine = Isopo(model, IsopoConfig(variant="interacting", setting=None, c_lambda=1.0,
                                                    num_samples=num_samples, chunk_bytes=chunk_bytes,
-                                                   compile=compile, strategy=strategy))
+                                                   compile=compile, strategy=strategy, cuda_graphs=cuda_graphs))
         elif name == "isopo_ni_hooks":
             self.engine = HooksIsopo(model, IsopoConfig(setting="paper", num_samples=num_samples))
         elif name == "isopo_int_hooks":
@@ -586,8 +593,8 @@ def make_modes(opts: Options, model: nn.Module) -> list[Mode]:
     else:
         autocast = nullcontext
     chunk_bytes = opts.chunk_mib * 2**20
-    return [Mode(name, model, optimizer, autocast, opts.num_samples, chunk_bytes, opts.compile, opts.strategy)
-            for name in opts.modes]
+    return [Mode(name, model, optimizer, autocast, opts.num_samples, chunk_bytes, opts.compile, opts.strategy,
+                 opts.cuda_graphs) for name in opts.modes]
 
 
 def config_dict(opts: Options) -> dict:
@@ -607,6 +614,7 @@ def config_dict(opts: Options) -> dict:
         "chunk_mib": opts.chunk_mib,
         "compile": opts.compile,
         "strategy": opts.strategy,
+        "cuda_graphs": opts.cuda_graphs,
         "optimizer": "adamw" if opts.optimizer else None,
         "torch_version": torch.__version__,
     }

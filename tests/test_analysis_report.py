@@ -181,15 +181,16 @@ def test_overhead_table_names_each_files_shape_and_lm_head():
     # A scaling file's results are those of its results_point; a file without the option ran every position.
     assert rows.loc["scaling.json", ["model", "batch", "seq_len", "lm_head"]].tolist() == ["tiny", 4, 256, "all"]
     assert rows.loc["old.json", "lm_head"] == "all" and pd.isna(rows.loc["old.json", "model"])
-    assert not table["compile"].any() and table["host_s"].isna().all()  # files from before either existed
+    # files from before these existed
+    assert not table["compile"].any() and not table["cuda_graphs"].any() and table["host_s"].isna().all()
 
 
 def test_overhead_table_carries_host_time_and_compile():
-    doc = {**overhead_doc("NVIDIA H100", 1.4), "source": "c.json", "config": {"compile": True}}
+    doc = {**overhead_doc("NVIDIA H100", 1.4), "source": "c.json", "config": {"compile": True, "cuda_graphs": True}}
     doc["results"]["isopo_ni"]["host_median_s"] = 1.39
     table = overhead_table([doc]).set_index("mode")
     assert table.loc["isopo_ni", "host_s"] == pytest.approx(1.39) and pd.isna(table.loc["reinforce", "host_s"])
-    assert table["compile"].all()
+    assert table["compile"].all() and table["cuda_graphs"].all()
 
 
 def break_parquet(d: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from isopo_fixtures import make_batch, masked_sum, tiny_qwen3, token_log_probs
@@ -14,6 +16,13 @@ STEPS = [
     [((3, 5, 2, 4), (4, 2, 6, 3)), ((2, 4, 3), (5, 3, 2))],
     [((4, 2, 3), (3, 6, 2)), ((3, 3, 5, 2), (2, 4, 1, 5))],
     [((2, 5, 4, 3), (6, 2, 3, 4)), ((5, 2), (2, 5))],
+]
+
+
+# Two padded micro-batches of the same size B per step: layers of one shape meet new advantages.
+SAME_B_STEPS = [
+    [((3, 5, 2), (4, 2, 6)), ((2, 4, 3), (5, 3, 2))],
+    [((4, 2, 3), (3, 6, 2)), ((3, 3, 5), (2, 4, 1))],
 ]
 
 
@@ -33,7 +42,7 @@ def response_tokens(batches) -> float:
     return float(sum(b["response_mask"].sum() for b in batches))
 
 
-def efficient_step(model, engine: Isopo, batches, n_tok, loss_scale=1.0, permute=False):
+def efficient_step(model, engine: Isopo, batches, n_tok, loss_scale=1.0, permute=False, autocast=None):
     model.zero_grad(set_to_none=True)
     with engine.installed():
         for b in batches:
@@ -43,7 +52,8 @@ def efficient_step(model, engine: Isopo, batches, n_tok, loss_scale=1.0, permute
                 seq_ids = torch.where(seq_ids >= 0, n - 1 - seq_ids, -1)
                 adv = adv.flip(0)
             with engine.micro_batch(seq_ids, adv):
-                logp = token_log_probs(model, b["input_ids"], b["attention_mask"])
+                with autocast() if autocast else contextlib.nullcontext():
+                    logp = token_log_probs(model, b["input_ids"], b["attention_mask"])
                 (-loss_scale * masked_sum(logp, b["response_mask"]) / n_tok).backward()
     engine.end_step()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -83,7 +93,6 @@ def run_against_reference(cfg: IsopoConfig, strategy_cfgs=None, steps=3, spec=No
     engines = [Isopo(model, c) for c in (strategy_cfgs or [cfg])]
     for step in range(steps):
         batches = step_batches(step, spec)
-        assert spec is None or not any(bool((b["seq_ids"] < 0).any()) for b in batches)
         n_tok = response_tokens(batches)
         expected = reference_step(model, ref, batches, n_tok, step, len(engines[0].layers), cfg.num_samples, cfg.seed)
         grads = None
@@ -112,6 +121,7 @@ def test_unregularised_named_settings_and_free_exponents_match_reference():
 
 
 def test_batch_without_padding_matches_reference():
+    assert not any(bool((b["seq_ids"] < 0).any()) for step in (0, 1) for b in step_batches(step, UNPADDED_STEPS))
     for variant in ("non_interacting", "interacting"):
         cfg = IsopoConfig(variant=variant, setting="paper", c_o=0.3, num_samples=9)
         run_against_reference(cfg, [cfg.replace(strategy=s) for s in ("instantiate", "gram")], steps=2,
@@ -209,6 +219,36 @@ def test_compiled_layers_match_the_reference():
         run_against_reference(cfg, [cfg.replace(compile=True)], steps=2)
     # A failed compile would have fallen back to eager and hidden the comparison.
     assert linear._compiled is not None and not linear._compile_failed
+
+
+@pytest.mark.parametrize("kept", [32, 1])
+def test_graph_tails_on_static_buffers_match_the_reference(monkeypatch, kept):
+    """IsopoConfig.cuda_graphs without the capture (a CPU has none): G and the samples written into a shape's
+    static buffers, which same-shape layers (k/v, gate/up) share, the advantages copied once per micro-batch,
+    the EMAs per layer, the tail run on them. Over two steps of two padded micro-batches of equal B (one
+    shape's buffers meet a new micro-batch), with the EMAs of a regularised setting and of the interacting
+    damping; kept=1 drops and rebuilds the buffers at every new shape. The chunked layers (40 kB) stay on the
+    eager path beside them."""
+    import algorithms.isopo.engine as engine_module
+    from algorithms.isopo.graphs import TailGraphs
+
+    made = []
+
+    def tail_graphs():
+        made.append(TailGraphs(capture=False, kept=kept))
+        return made[-1]
+
+    monkeypatch.setattr(engine_module, "TailGraphs", tail_graphs)
+    for cfg in (IsopoConfig(setting="rel_overlap", c_n=0.5, c_o=0.3, c_r=0.2, num_samples=9, seed=3,
+                            chunk_bytes=40_000, strategy="instantiate"),
+                IsopoConfig(variant="interacting", setting=None, c_lambda=0.5, strategy="instantiate")):
+        run_against_reference(cfg, [cfg.replace(cuda_graphs=True)], steps=2, spec=SAME_B_STEPS)
+    assert len(made) == 2 and all(0 < len(g) <= kept and not g.failed for g in made)
+
+
+def test_cuda_graphs_and_compile_are_alternatives():
+    with pytest.raises(ValueError, match="compile and cuda_graphs are alternatives"):
+        IsopoConfig(compile=True, cuda_graphs=True)
 
 
 @pytest.mark.parametrize("strategy", ["instantiate", "gram"])

@@ -5,10 +5,13 @@ that device. On a GPU host, `pytest tests/test_isopo_device.py` is the check to 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from isopo_fixtures import masked_sum, tiny_qwen3, token_log_probs
 from test_isopo import (
+    SAME_B_STEPS,
     _reinforce_grads,
     assert_rel_close,
     efficient_step,
@@ -85,3 +88,35 @@ def test_bf16_autocast_on_the_device_stays_close_to_float32(device, variant):
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
     assert max(errors.values()) < 0.1, errors
     assert max(errors.values()) > 1e-4  # bf16 really was used: float32 alone would agree to ~1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_tails_on_the_device_match_the_eager_layers(device):
+    """IsopoConfig.cuda_graphs: on CUDA every unchunked layer's tail is captured once per shape and replayed;
+    on the CPU the same static buffers are used without a capture. Two float64 steps of two equal-B padded
+    micro-batches (a shape's graph meets new advantages; the EMAs change between steps): the same gradients
+    as the eager layers; and one float32 step under bf16 autocast, the benchmark's path (bf16 G, float32
+    statistics), where the two run the same kernels."""
+    for cfg in (IsopoConfig(setting="rel_overlap", c_n=0.5, c_o=0.3, c_r=0.2, num_samples=9, seed=3,
+                            strategy="instantiate"),
+                IsopoConfig(variant="interacting", setting=None, c_lambda=0.5, strategy="instantiate")):
+        model = tiny_qwen3().to(device)
+        eager, graphed = Isopo(model, cfg), Isopo(model, cfg.replace(cuda_graphs=True))
+        graphed.graphs.capture = device == "cuda"
+        for step in range(2):
+            batches = [_on(b, device) for b in step_batches(step, SAME_B_STEPS)]
+            n_tok = response_tokens(batches)
+            expected = efficient_step(model, eager, batches, n_tok)
+            assert_rel_close(efficient_step(model, graphed, batches, n_tok), expected)
+        model = tiny_qwen3(dtype=torch.float32).to(device)
+        eager, graphed = Isopo(model, cfg), Isopo(model, cfg.replace(cuda_graphs=True))
+        graphed.graphs.capture = device == "cuda"
+        batches = [_on(b, device) for b in step_batches(0, SAME_B_STEPS)]
+        bf16 = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+        expected = efficient_step(model, eager, batches, response_tokens(batches), autocast=bf16)
+        got = efficient_step(model, graphed, batches, response_tokens(batches), autocast=bf16)
+        assert_rel_close(got, expected, tol=1e-5)
+        assert any(t.g.dtype == torch.bfloat16 for t in graphed.graphs._graphs.values())
+        tails = list(graphed.graphs._graphs.values())
+        assert tails and not graphed.graphs.failed
+        assert all((t.graph is not None) == (device == "cuda") for t in tails)

@@ -25,7 +25,7 @@ from bench.overhead import make_batch as overhead_batch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
 CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "lm_head", "peak_memory",
-               "repeats", "warmup", "num_samples", "chunk_mib", "compile", "strategy", "optimizer",
+               "repeats", "warmup", "num_samples", "chunk_mib", "compile", "strategy", "cuda_graphs", "optimizer",
                "torch_version"}
 RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "host_median_s", "peak_mib",
                "peak_ratio_vs_reinforce"}
@@ -172,6 +172,7 @@ def test_profile_writes_the_busiest_operators_of_one_step_per_mode(tmp_path, cap
         (["--lm-head", "prompt"], "unknown --lm-head 'prompt'"),
         (["--chunk-mib", "0"], "--chunk-mib must be a positive integer"),
         (["--strategy", "fastest"], "unknown --strategy 'fastest'; valid: auto, instantiate, gram"),
+        (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
     ],
 )
 def test_bad_options_give_one_clear_error_line_and_exit_2(args, fragment, capsys):

@@ -62,6 +62,12 @@ class IsopoConfig:
     a few fused kernels instead of ~30 small ones, for GPUs where launching them is what costs. The first
     backward compiles (seconds to minutes); layers whose G is formed in chunks stay eager; if compiling
     fails the layers run eagerly, with a warning."""
+    cuda_graphs: bool = False
+    """On CUDA, replay the small-tensor tail of each layer's backward (statistics from the per-sequence
+    gradients, weights) as one captured CUDA graph per layer shape instead of launching its ~15 kernels one
+    by one. Pays when micro-batches repeat their shapes (B, T, K): each new shape is captured once (kept for
+    the 32 latest). Layers whose statistics take the Gram route or whose G is chunked, and CPU tensors, stay
+    eager; if a capture fails the layers run eagerly, with a warning. An alternative to `compile`."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -86,6 +92,8 @@ class IsopoConfig:
             raise ValueError(f"isopo num_samples (K) must be a positive integer; got {self.num_samples!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"isopo ema_decay must lie in [0, 1); got {self.ema_decay}")
+        if self.compile and self.cuda_graphs:
+            raise ValueError("isopo compile and cuda_graphs are alternatives; set at most one of them")
         if self.chunk_bytes < 1:
             raise ValueError(f"isopo chunk_bytes must be positive; got {self.chunk_bytes}")
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from .batch import MicroBatch
 from .config import IsopoConfig
+from .graphs import TailGraphs
 from .linear import IsopoLinearFunction
 from .params import ReinforceGainForward, ReinforceParamsForward, is_gain_module
 from .weights import LayerEma
@@ -40,18 +41,19 @@ class LinearLayer:
     module: nn.Linear
     cfg: IsopoConfig
     ema: LayerEma
-    last_weights: torch.Tensor | None = field(default=None, repr=False)
-    """The per-sequence weights of the latest backward (diagnostics)."""
     plans: dict = field(default_factory=dict, repr=False)
     """(B, T, K, dtype, device) → the statistics strategy and chunking chosen for that shape."""
+    graphs: TailGraphs | None = field(default=None, repr=False)
+    """The engine's CUDA graphs of layer tails (``IsopoConfig.cuda_graphs``), shared by its layers."""
 
 
 class Isopo:
     def __init__(self, model: nn.Module, cfg: IsopoConfig):
         self.model = model
         self.cfg = cfg
+        self.graphs = TailGraphs() if cfg.cuda_graphs else None
         self.layers = [
-            LinearLayer(i, name, module, cfg, LayerEma(cfg.ema_decay))
+            LinearLayer(i, name, module, cfg, LayerEma(cfg.ema_decay), graphs=self.graphs)
             for i, (name, module) in enumerate(
                 (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
             )

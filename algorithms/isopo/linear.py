@@ -8,6 +8,7 @@ left as it is: the advantage-free δ keeps flowing to the layers below.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -15,13 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .statistics import choose_strategy, gram_out_dtype_supported, layer_stats, output_chunk
+from .statistics import choose_strategy, grad_stats, gram_out_dtype_supported, layer_stats, output_chunk
 from .weights import interacting_weights, non_interacting_weights
 
 if TYPE_CHECKING:
     from .batch import MicroBatch, TokenLayout
     from .config import IsopoConfig
     from .engine import LinearLayer
+    from .graphs import TailGraphs
 
 
 class IsopoLinearFunction(torch.autograd.Function):
@@ -84,23 +86,35 @@ def isopo_weight_grad(
         chunk = output_chunk(cfg.chunk_bytes, x.element_size(), b, d_in, d_out)
         kwargs = layer.plans[key] = dict(cfg=cfg, b=b, t=t, strategy=strategy, chunk=chunk,
                                          fp32_gram=gram_out_dtype_supported(x))
+    args = (x.reshape(-1, d_in), d.reshape(-1, d_out), positions, mb.advantages, layer.ema.value,
+            layout.token_mask if layout.has_padding else None, layout.pad_index, layout.token_seq)
+    graphs = layer.graphs
+    if (graphs is not None and not graphs.failed and (x.is_cuda or not graphs.capture)
+            and kwargs["strategy"] == "instantiate" and kwargs["chunk"] is None):
+        try:
+            grad_w, _, recorded = graphed_layer_update(graphs, *args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any capture failure: the eager function computes the same
+            graphs.give_up(e)
+            grad_w, _, recorded = layer_update(*args, **kwargs)
+        for name, value in recorded.items():
+            layer.ema.record(name, value)
+        return grad_w
     update = layer_update
     if cfg.compile and kwargs["chunk"] is None and not _compile_failed:
         update = _compiled_update()
-    args = (x.reshape(-1, d_in), d.reshape(-1, d_out), positions, mb.advantages, layer.ema.value,
-            layout.token_mask if layout.has_padding else None, layout.pad_index, layout.token_seq)
     try:
-        grad_w, w, recorded = update(*args, **kwargs)
+        grad_w, _, recorded = update(*args, **kwargs)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function computes the same
         if update is layer_update:
             raise
         _give_up_compiling(e)
-        grad_w, w, recorded = layer_update(*args, **kwargs)
+        grad_w, _, recorded = layer_update(*args, **kwargs)
     for name, value in recorded.items():
         layer.ema.record(name, value)
-    layer.last_weights = w.detach()
     return grad_w
 
 
@@ -127,9 +141,65 @@ def layer_update(
     positions: the overlap sample (None: interacting); token_mask: 1.0 at valid positions, None when there
     is no padding; pad_index: (B, T) gather table of a padded layout, None when row r is sequence r."""
     d_in, d_out = x_flat.shape[1], d_flat.shape[1]
-    stat_dtype = torch.float64 if x_flat.dtype == torch.float64 else torch.float32
+    x_flat, d_flat, a3, d3 = padded_operands(x_flat, d_flat, token_mask, pad_index, b, t)
+    a_k = d_k = None
+    if positions is not None:
+        a_k, d_k = x_flat.index_select(0, positions), d_flat.index_select(0, positions)
+    if strategy == "instantiate" and chunk is None:
+        g = torch.bmm(d3.transpose(1, 2), a3)  # (B, out, in): the per-sequence gradients G_i
+        w, w_g, recorded = weights_from_grads(g, a_k, d_k, adv, ema, cfg=cfg, fp32_gram=fp32_gram)
+        return (w_g @ g.view(b, -1)).view(d_out, d_in), w, recorded
 
-    # Zero the padding in whichever operand is narrower: every statistic is a sum of δ_t a_tᵀ products.
+    stat_dtype = _stat_dtype(x_flat.dtype)
+    stats = layer_stats(a3, d3, a_k, d_k, interacting=positions is None, strategy=strategy, chunk=chunk,
+                        stat_dtype=stat_dtype, fp32_gram=fp32_gram)
+    recorded: dict[str, torch.Tensor] = {}
+    w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
+    token_w = _as(w, d_flat.dtype)[token_seq]
+    if token_mask is not None:
+        token_w = token_w * _as(token_mask, d_flat.dtype)
+    return (d_flat * token_w.unsqueeze(1)).t() @ x_flat, w, recorded
+
+
+def graphed_layer_update(
+    graphs: TailGraphs,
+    x_flat: torch.Tensor,
+    d_flat: torch.Tensor,
+    positions: torch.Tensor | None,
+    adv: torch.Tensor,
+    ema: Mapping[str, torch.Tensor],
+    token_mask: torch.Tensor | None,
+    pad_index: torch.Tensor | None,
+    token_seq: torch.Tensor,
+    *,
+    cfg: IsopoConfig,
+    b: int,
+    t: int,
+    strategy: str,
+    chunk: int | None,
+    fp32_gram: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``layer_update`` for an unchunked `instantiate` layer, its tail replayed from ``graphs``: G and the
+    sample rows are written straight into the graph's static inputs. The returned w is a static buffer
+    (valid until the next layer of this shape); the gradient and the recorded statistics are fresh."""
+    d_in, d_out = x_flat.shape[1], d_flat.shape[1]
+    x_flat, d_flat, a3, d3 = padded_operands(x_flat, d_flat, token_mask, pad_index, b, t)
+    k = 0 if positions is None else positions.shape[0]
+    tail = graphs.get(b, d_in, d_out, k, x_flat.dtype, x_flat.device, adv, ema, _stat_dtype(x_flat.dtype))
+    torch.bmm(d3.transpose(1, 2), a3, out=tail.g)
+    if k:
+        torch.index_select(x_flat, 0, positions, out=tail.a_k)
+        torch.index_select(d_flat, 0, positions, out=tail.d_k)
+    tail.load(adv, ema)
+    w, w_g, recorded = tail.run(functools.partial(weights_from_grads, cfg=cfg, fp32_gram=fp32_gram), graphs.capture)
+    grad_w = (w_g @ tail.g.view(b, -1)).view(d_out, d_in)
+    return grad_w, w, {key: value.clone() for key, value in recorded.items()}
+
+
+def padded_operands(x_flat, d_flat, token_mask, pad_index, b, t):
+    """(x_flat, d_flat, a3, d3): padding zeroed in the narrower operand (every statistic is a sum of δ_t a_tᵀ
+    products), and both as (B, T, ·) sequences, a padded layout gathered through a zero row."""
+    d_in, d_out = x_flat.shape[1], d_flat.shape[1]
     if token_mask is not None:
         mask = _as(token_mask, x_flat.dtype).unsqueeze(1)
         if d_in <= d_out:
@@ -137,35 +207,42 @@ def layer_update(
         else:
             d_flat = d_flat * mask
     if pad_index is None:
-        a3, d3 = x_flat.view(b, t, d_in), d_flat.view(b, t, d_out)
-    else:
-        # One zero row appended, which pad_index reads at padding.
-        a3 = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])[pad_index]
-        d3 = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])[pad_index]
+        return x_flat, d_flat, x_flat.view(b, t, d_in), d_flat.view(b, t, d_out)
+    a3 = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])[pad_index]
+    d3 = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])[pad_index]
+    return x_flat, d_flat, a3, d3
 
-    interacting = positions is None
-    a_k = d_k = None
-    if not interacting:
-        a_k, d_k = x_flat.index_select(0, positions), d_flat.index_select(0, positions)
-    stats = layer_stats(a3, d3, a_k, d_k, interacting=interacting, strategy=strategy, chunk=chunk,
-                        stat_dtype=stat_dtype, fp32_gram=fp32_gram)
 
+def weights_from_grads(
+    g: torch.Tensor,
+    a_k: torch.Tensor | None,
+    d_k: torch.Tensor | None,
+    adv: torch.Tensor,
+    ema: Mapping[str, torch.Tensor],
+    *,
+    cfg: IsopoConfig,
+    fp32_gram: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """From the per-sequence gradients g (B, out, in) and the overlap sample (a_k, d_k; None: interacting)
+    to (w, w in g's dtype, recorded): the small-tensor tail of a layer's backward, whose cost on a GPU is
+    its ~15 kernel launches (``graphs.py`` replays it as one)."""
+    stat_dtype = _stat_dtype(g.dtype)
     recorded: dict[str, torch.Tensor] = {}
-    if interacting:
-        w = interacting_weights(stats.ntk, adv, cfg, ema, recorded)
-    else:
-        den = torch.linalg.vector_norm(
-            torch.linalg.vector_norm(d_k, dim=1, dtype=stat_dtype) * torch.linalg.vector_norm(a_k, dim=1, dtype=stat_dtype)
-        )
-        w = non_interacting_weights(stats.norm, stats.overlap_num, den, adv, cfg, ema, recorded)
+    w = _weights(grad_stats(g, a_k, d_k, stat_dtype, fp32_gram), a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
+    return w, _as(w, g.dtype), recorded
 
-    if stats.per_seq_grad is not None:
-        g = stats.per_seq_grad
-        return (_as(w, g.dtype) @ g.reshape(b, -1)).view(d_out, d_in), w, recorded
-    token_w = _as(w, d_flat.dtype)[token_seq]
-    if token_mask is not None:
-        token_w = token_w * _as(token_mask, d_flat.dtype)
-    return (d_flat * token_w.unsqueeze(1)).t() @ x_flat, w, recorded
+
+def _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype) -> torch.Tensor:
+    if a_k is None:
+        return interacting_weights(stats.ntk, adv, cfg, ema, recorded)
+    den = torch.linalg.vector_norm(
+        torch.linalg.vector_norm(d_k, dim=1, dtype=stat_dtype) * torch.linalg.vector_norm(a_k, dim=1, dtype=stat_dtype)
+    )
+    return non_interacting_weights(stats.norm, stats.overlap_num, den, adv, cfg, ema, recorded)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # -- compiled ---------------------------------------------------------------------------------------------

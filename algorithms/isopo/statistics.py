@@ -71,39 +71,49 @@ def output_chunk(chunk_bytes: int, itemsize: int, b: int, d_in: int, d_out: int)
 
 
 def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram) -> LayerStats:
-    b = a.shape[0]
     d_out = d.shape[-1]
-    bounds = [(0, d_out)] if chunk is None else [(lo, min(d_out, lo + chunk)) for lo in range(0, d_out, chunk)]
-    norm = n_sq = overlap_num = ntk = g = None
-    if not interacting:
-        a_col = a_k.unsqueeze(2)  # (K, in, 1)
-    # Each statistic starts as the first chunk's value: no zero-filled accumulators, one launch fewer each
-    # (on a GPU the backward's cost is the host launching ~200 layers' small kernels, not their FLOPs).
-    for lo, hi in bounds:
-        g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): the per-sequence gradients
-        flat = g.reshape(b, -1)
+    if chunk is None:
+        return grad_stats(torch.bmm(d.transpose(1, 2), a), a_k, d_k, stat_dtype, fp32_gram)
+    a_col = None if interacting else a_k.unsqueeze(2)
+    n_sq = overlap_num = ntk = None
+    for lo in range(0, d_out, chunk):
+        hi = min(d_out, lo + chunk)
+        g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): these output rows of every G_i
         if interacting:
-            part = gram_matrix(flat, stat_dtype, fp32_gram)  # N_i² is its diagonal: one pass over G fewer
+            part = gram_matrix(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram)
             ntk = part if ntk is None else ntk + part
             continue
-        part_norm = torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype)
-        # δ_kᵀ G_i a_k over this chunk of output rows. δ_kᵀ G_i first: (K, out) @ (B, out, in) runs at
-        # matmul speed, while G_i a_k then a reduction over `out` of a (B, out, K) product ran at half
-        # of it (measured on CPU, every layer shape of the `small` preset).
-        dg = torch.bmm(d_k[:, lo:hi].expand(b, -1, -1), g)  # (B, K, in)
-        # Then the dot with a_k for every (i, k): one matmul batched over k, on a strided view of dg (no
-        # copy), accumulating in float32 even where dg is bf16, instead of a cast, a product and a sum.
-        part_o = torch.bmm(dg.transpose(0, 1), a_col).squeeze(2).t()  # (B, K)
-        if len(bounds) == 1:
-            norm, overlap_num = part_norm, part_o
-            continue
-        # Several blocks: their squared norms and their overlap numerators add up, in stat_dtype.
+        part_norm, part_o = _block_stats(g, a_col, d_k[:, lo:hi], stat_dtype)
+        # The blocks' squared norms and overlap numerators add up, in stat_dtype.
         part_o = part_o.to(stat_dtype)
         n_sq = part_norm.square() if n_sq is None else n_sq + part_norm.square()
         overlap_num = part_o if overlap_num is None else overlap_num + part_o
-    if n_sq is not None:
-        norm = n_sq.sqrt()
-    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=ntk, per_seq_grad=g if chunk is None else None)
+    norm = None if n_sq is None else n_sq.sqrt()
+    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=ntk, per_seq_grad=None)
+
+
+def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | None, stat_dtype: torch.dtype,
+               fp32_gram: bool = False) -> LayerStats:
+    """The statistics from the per-sequence gradients g (B, out, in) formed in one piece; a_k is None for
+    the interacting variant."""
+    if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
+        return LayerStats(norm=None, overlap_num=None, ntk=gram_matrix(g.view(g.shape[0], -1), stat_dtype, fp32_gram),
+                          per_seq_grad=g)
+    norm, overlap_num = _block_stats(g, a_k.unsqueeze(2), d_k, stat_dtype)
+    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None, per_seq_grad=g)
+
+
+def _block_stats(g, a_col, d_k, stat_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖G_i‖ over these rows, δ_kᵀ G_i a_k over these rows) of a block g (B, rows, in) of G; d_k (K, rows)."""
+    b = g.shape[0]
+    norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=stat_dtype)
+    # δ_kᵀ G_i first: (K, out) @ (B, out, in) runs at matmul speed, while G_i a_k then a reduction over
+    # `out` of a (B, out, K) product ran at half of it (measured on CPU, every layer shape of `small`).
+    dg = torch.bmm(d_k.expand(b, -1, -1), g)  # (B, K, in)
+    # Then the dot with a_k for every (i, k): one matmul batched over k, on a strided view of dg (no copy),
+    # accumulating in float32 even where dg is bf16, instead of a cast, a product and a sum.
+    overlap_num = torch.bmm(dg.transpose(0, 1), a_col).squeeze(2).t()  # (B, K)
+    return norm, overlap_num
 
 
 _MM_OUT_DTYPE: dict[tuple[torch.device, torch.dtype], bool] = {}
