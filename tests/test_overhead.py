@@ -266,6 +266,30 @@ def test_deep_narrow_preset_and_strategy_reach_the_engine(tmp_path, restore_thre
     assert mode.engine.cfg.strategy == "gram"
 
 
+def test_graph_tails_leave_the_layers_on_a_view_eager_and_the_gradient_unchanged():
+    """--lm-head response: the LM head sees a view whose sample size varies per micro-batch, so it stays
+    eager (no capture per size); the main layout's layers take the static buffers (capture=False on a CPU)."""
+    model = tiny_qwen3(seed=2, tie=False)
+    vocab = model.config.vocab_size
+    batch = overhead_batch(3, 16, vocab, "cpu", lm_head="response")
+    for name in ("isopo_ni:paper", "isopo_int"):
+        grads = []
+        for graphs in (False, True):
+            mode = Mode(name, model, None, nullcontext, num_samples=20, strategy="instantiate", cuda_graphs=graphs)
+            if graphs:
+                mode.engine.graphs.capture = False
+            for _ in range(2):  # the second step reads the EMAs of the first
+                mode.begin()
+                mode.step(batch)
+                mode.end()
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        tails = mode.engine.graphs._graphs
+        assert tails and all(key[2] != vocab for key in tails)  # key: (B, in, out, ...): no LM head
+        for param, expected in grads[0].items():
+            torch.testing.assert_close(grads[1][param], expected, rtol=1e-6, atol=1e-9,
+                                       msg=lambda m, name=name, param=param: f"{name} {param}: {m}")
+
+
 # -- the hook-based baseline equals the efficient engine ---------------------------------------------------
 SPECS = [((3, 5, 2, 4), (4, 2, 6, 3)), ((2, 4, 3), (5, 3, 2))]  # two padded micro-batches
 

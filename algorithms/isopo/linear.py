@@ -89,7 +89,9 @@ def isopo_weight_grad(
     args = (x.reshape(-1, d_in), d.reshape(-1, d_out), positions, mb.advantages, layer.ema.value,
             layout.token_mask if layout.has_padding else None, layout.pad_index, layout.token_seq)
     graphs = layer.graphs
-    if (graphs is not None and not graphs.failed and (x.is_cuda or not graphs.capture)
+    # Only layers on the main layout: a view's sample (the positions inside it) changes size from one
+    # micro-batch to the next, and every new size would be a new capture.
+    if (graphs is not None and not graphs.failed and (x.is_cuda or not graphs.capture) and layout is mb.main
             and kwargs["strategy"] == "instantiate" and kwargs["chunk"] is None):
         try:
             grad_w, _, recorded = graphed_layer_update(graphs, *args, **kwargs)
