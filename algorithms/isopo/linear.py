@@ -93,31 +93,38 @@ def isopo_weight_grad(
     # micro-batch to the next, and every new size would be a new capture.
     if (graphs is not None and not graphs.failed and (x.is_cuda or not graphs.capture) and layout is mb.main
             and kwargs["strategy"] == "instantiate" and kwargs["chunk"] is None):
-        try:
-            grad_w, _, recorded = graphed_layer_update(graphs, *args, **kwargs)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any capture failure: the eager function computes the same
-            graphs.give_up(e)
-            grad_w, _, recorded = layer_update(*args, **kwargs)
-        for name, value in recorded.items():
-            layer.ema.record(name, value)
-        return grad_w
-    update = layer_update
-    if cfg.compile and kwargs["chunk"] is None and not _compile_failed:
-        update = _compiled_update()
-    try:
-        grad_w, _, recorded = update(*args, **kwargs)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function computes the same
-        if update is layer_update:
-            raise
-        _give_up_compiling(e)
-        grad_w, _, recorded = layer_update(*args, **kwargs)
+        grad_w, recorded = _graphed(graphs, args, kwargs)
+    else:
+        grad_w, recorded = _eager_or_compiled(cfg, args, kwargs)
     for name, value in recorded.items():
         layer.ema.record(name, value)
     return grad_w
+
+
+def _graphed(graphs: TailGraphs, args, kwargs):
+    try:
+        grad_w, _, recorded = graphed_layer_update(graphs, *args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any capture failure: the eager function computes the same
+        graphs.give_up(e)
+        grad_w, _, recorded = layer_update(*args, **kwargs)
+    return grad_w, recorded
+
+
+def _eager_or_compiled(cfg: IsopoConfig, args, kwargs):
+    """Eager, or through torch.compile (``IsopoConfig.compile``) with an eager fallback."""
+    if not (cfg.compile and kwargs["chunk"] is None and not _compile_failed):
+        grad_w, _, recorded = layer_update(*args, **kwargs)
+        return grad_w, recorded
+    try:
+        grad_w, _, recorded = _compiled_update()(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function computes the same
+        _give_up_compiling(e)
+        grad_w, _, recorded = layer_update(*args, **kwargs)
+    return grad_w, recorded
 
 
 def layer_update(
