@@ -246,6 +246,23 @@ def test_graph_tails_on_static_buffers_match_the_reference(monkeypatch, kept):
     assert len(made) == 2 and all(0 < len(g) <= kept and not g.failed for g in made)
 
 
+def test_graph_tails_share_a_shapes_buffers_and_drop_them_with_its_last_graph():
+    from algorithms.isopo.graphs import TailGraphs
+
+    graphs = TailGraphs(capture=False, kept=2)
+    adv, cpu = torch.zeros(3), torch.device("cpu")
+    trk = {"trK": torch.tensor(1.0)}
+    before = graphs.get(3, 4, 5, 0, torch.float32, cpu, adv, {}, torch.float32)
+    after = graphs.get(3, 4, 5, 0, torch.float32, cpu, adv, trk, torch.float32)  # after the first EMA update
+    assert after is not before and after.g is before.g  # one G per shape
+    assert graphs.get(3, 4, 5, 0, torch.float32, cpu, adv, {}, torch.float32) is before
+    other = graphs.get(3, 5, 4, 0, torch.float32, cpu, adv, {}, torch.float32)  # evicts `after`, the oldest
+    assert len(graphs) == 2 and len(graphs._inputs) == 2 and other.g.shape == (3, 4, 5)
+    graphs.get(3, 6, 6, 0, torch.float32, cpu, adv, {}, torch.float32)  # evicts `before`: its shape goes
+    assert len(graphs) == 2 and len(graphs._inputs) == 2
+    assert graphs.get(3, 4, 5, 0, torch.float32, cpu, adv, {}, torch.float32).g is not before.g
+
+
 def test_cuda_graphs_and_compile_are_alternatives():
     with pytest.raises(ValueError, match="compile and cuda_graphs are alternatives"):
         IsopoConfig(compile=True, cuda_graphs=True)

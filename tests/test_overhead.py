@@ -284,7 +284,7 @@ def test_graph_tails_leave_the_layers_on_a_view_eager_and_the_gradient_unchanged
                 mode.end()
             grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
         tails = mode.engine.graphs._graphs
-        assert tails and all(key[2] != vocab for key in tails)  # key: (B, in, out, ...): no LM head
+        assert tails and all(shape[2] != vocab for shape, _ in tails)  # shape: (B, in, out, ...): no LM head
         for param, expected in grads[0].items():
             torch.testing.assert_close(grads[1][param], expected, rtol=1e-6, atol=1e-9,
                                        msg=lambda m, name=name, param=param: f"{name} {param}: {m}")

@@ -7,8 +7,9 @@ one graph launch: G is written by the eager per-sequence-gradient matmul straigh
 input (``out=``), the sample rows likewise, and the weighted gradient is one eager matmul over the same
 buffer, so nothing large is copied.
 
-A ``TailGraph`` holds one capture: static inputs, the graph and its outputs. Layers of the same shape share
-it (the static buffers are overwritten by the next such layer, after this one's reads on the same stream).
+A ``TailGraph`` holds one capture: its shape's static inputs (``StaticInputs``, held once per shape), the
+graph and its outputs. Layers of the same shape share it (the static buffers are overwritten by the next such
+layer, after this one's reads on the same stream).
 With ``capture=False`` the same buffers are filled and the tail runs eagerly on them — the CPU test of
 everything but the capture itself.
 """
@@ -26,28 +27,53 @@ GRAPHS_KEPT = 32
 """Captured shapes kept (least recently used dropped): each holds its G buffer and its graph's memory."""
 
 
-class TailGraph:
-    """One shape's static buffers and, once captured, its graph."""
+class StaticInputs:
+    """One shape's static input buffers, shared by its graphs (one per set of EMA keys: before and after the
+    first EMA update, say), so that G is held once per shape."""
 
     def __init__(self, b: int, d_in: int, d_out: int, k: int, dtype: torch.dtype, device: torch.device,
-                 adv_dtype: torch.dtype, ema_keys: tuple[str, ...], stat_dtype: torch.dtype):
+                 adv_dtype: torch.dtype):
         self.g = torch.empty(b, d_out, d_in, dtype=dtype, device=device)
         self.a_k = torch.empty(k, d_in, dtype=dtype, device=device) if k else None
         self.d_k = torch.empty(k, d_out, dtype=dtype, device=device) if k else None
         self.adv = torch.empty(b, dtype=adv_dtype, device=device)
-        self.ema = {key: torch.empty((), dtype=stat_dtype, device=device) for key in ema_keys}
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._adv_source: tuple[weakref.ref, int] | None = None
 
-    def load(self, adv: torch.Tensor, ema: Mapping[str, torch.Tensor]) -> None:
-        """Copy the advantages (once per micro-batch: every layer of a micro-batch reads the same tensor)
-        and this layer's EMAs into the static inputs."""
+    def load_advantages(self, adv: torch.Tensor) -> None:
+        """Copy the advantages, once per micro-batch: every layer of a micro-batch reads the same tensor."""
         last = self._adv_source
         # A weak reference, not id(): a new micro-batch's tensor may reuse a freed one's address.
         if last is None or last[0]() is not adv or last[1] != adv._version:
             self.adv.copy_(adv)
             self._adv_source = (weakref.ref(adv), adv._version)
+
+
+class TailGraph:
+    """One capture: the shape's static inputs, this EMA key set's static EMAs, and once captured the graph
+    and its outputs."""
+
+    def __init__(self, inputs: StaticInputs, ema_keys: tuple[str, ...], stat_dtype: torch.dtype):
+        self.inputs = inputs
+        self.ema = {key: torch.empty((), dtype=stat_dtype, device=inputs.g.device) for key in ema_keys}
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def g(self) -> torch.Tensor:
+        return self.inputs.g
+
+    @property
+    def a_k(self) -> torch.Tensor | None:
+        return self.inputs.a_k
+
+    @property
+    def d_k(self) -> torch.Tensor | None:
+        return self.inputs.d_k
+
+    def load(self, adv: torch.Tensor, ema: Mapping[str, torch.Tensor]) -> None:
+        """The advantages and this layer's EMAs into the static inputs (G and the samples are written there
+        by the caller's ``out=`` operations)."""
+        self.inputs.load_advantages(adv)
         for key, value in ema.items():
             self.ema[key].copy_(value)
 
@@ -55,57 +81,68 @@ class TailGraph:
         """The tail's outputs for the loaded inputs (static tensors: read them before this shape's next
         layer runs)."""
         if not capture:
-            return tail(self.g, self.a_k, self.d_k, self.adv, self.ema)
+            return self._call(tail)
         if self.graph is None:
             self._capture(tail)
         self.graph.replay()
         return self.outputs
 
+    def _call(self, tail: Callable):
+        return tail(self.inputs.g, self.inputs.a_k, self.inputs.d_k, self.inputs.adv, self.ema)
+
     def _capture(self, tail: Callable) -> None:
-        device = self.g.device
+        device = self.inputs.g.device
         # Warm up on a side stream first (cuBLAS and cuSOLVER set up their handles and workspaces outside
         # the capture), as the CUDA graphs documentation prescribes.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            tail(self.g, self.a_k, self.d_k, self.adv, self.ema)
+            self._call(tail)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the capture runs on autograd's backward thread.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = tail(self.g, self.a_k, self.d_k, self.adv, self.ema)
+            outputs = self._call(tail)
         self.graph, self.outputs = graph, outputs
 
 
 class TailGraphs:
     """The captures of one ISOPO engine, by shape and EMA keys (least recently used dropped beyond
-    ``GRAPHS_KEPT``). ``capture=False`` runs the tails eagerly on the same static buffers."""
+    ``GRAPHS_KEPT``, and a shape's buffers with its last graph). ``capture=False`` runs the tails eagerly
+    on the same static buffers."""
 
     def __init__(self, capture: bool = True, kept: int = GRAPHS_KEPT):
         self.capture = capture
         self.kept = kept
         self.failed = False
         self._graphs: OrderedDict[tuple, TailGraph] = OrderedDict()
+        self._inputs: dict[tuple, StaticInputs] = {}
 
     def __len__(self) -> int:
         return len(self._graphs)
 
     def get(self, b: int, d_in: int, d_out: int, k: int, dtype: torch.dtype, device: torch.device,
             adv: torch.Tensor, ema: Mapping[str, torch.Tensor], stat_dtype: torch.dtype) -> TailGraph:
-        ema_keys = tuple(sorted(ema))
-        key = (b, d_in, d_out, k, dtype, device, adv.dtype, ema_keys)
+        shape = (b, d_in, d_out, k, dtype, device, adv.dtype)
+        key = (shape, tuple(sorted(ema)))
         graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._graphs[key] = TailGraph(b, d_in, d_out, k, dtype, device, adv.dtype, ema_keys, stat_dtype)
-            while len(self._graphs) > self.kept:
-                self._graphs.popitem(last=False)
-        else:
+        if graph is not None:
             self._graphs.move_to_end(key)
+            return graph
+        inputs = self._inputs.get(shape)
+        if inputs is None:
+            inputs = self._inputs[shape] = StaticInputs(b, d_in, d_out, k, dtype, device, adv.dtype)
+        graph = self._graphs[key] = TailGraph(inputs, key[1], stat_dtype)
+        while len(self._graphs) > self.kept:
+            (old_shape, _), _ = self._graphs.popitem(last=False)
+            if all(s != old_shape for s, _ in self._graphs):
+                del self._inputs[old_shape]
         return graph
 
     def give_up(self, error: Exception) -> None:
         """A capture failed: this engine's layers run eagerly from now on."""
         self.failed = True
         self._graphs.clear()
+        self._inputs.clear()
         warnings.warn(f"ISOPO: capturing a CUDA graph failed ({type(error).__name__}: {error}); running the "
                       "layers eagerly", RuntimeWarning, stacklevel=3)
