@@ -65,7 +65,9 @@ class PerTokenParam(torch.autograd.Function):
         if token_adv.dtype != per_token.dtype:
             token_adv = token_adv.to(per_token.dtype)
         summed = token_adv @ per_token
-        return summed.view(-1, grad.shape[-1]).sum(0), None, None
+        if summed.numel() != grad.shape[-1]:  # per-head gains (q_norm, k_norm): sum over the heads too
+            summed = summed.view(-1, grad.shape[-1]).sum(0)
+        return summed, None, None
 
 
 def _detach(value):
