@@ -65,9 +65,10 @@ class IsopoConfig:
     cuda_graphs: bool = False
     """On CUDA, replay the small-tensor tail of each layer's backward (statistics from the per-sequence
     gradients, weights) as one captured CUDA graph per layer shape instead of launching its ~15 kernels one
-    by one. Pays when micro-batches repeat their shapes (B, T, K): each new shape is captured once (kept for
-    the 32 latest). Layers whose statistics take the Gram route, whose G is chunked or that see a token-layout
-    view (the LM head on the response columns), and CPU tensors, stay eager; if a capture fails the layers run eagerly, with a warning. An alternative to `compile`."""
+    by one. Each shape (B, in, out, K; not T) is captured once and kept (the 32 latest), so it pays when
+    micro-batches repeat B. Layers whose statistics take the Gram route, whose G is chunked or that see a
+    token-layout view (the LM head on the response columns), and CPU tensors, stay eager; if a capture
+    fails the layers run eagerly, with a warning. An alternative to `compile`."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
