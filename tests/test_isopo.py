@@ -115,9 +115,12 @@ def test_non_interacting_matches_reference(setting, reg_form):
 def test_unregularised_named_settings_and_free_exponents_match_reference():
     for cfg in (
         IsopoConfig(setting="paper", num_samples=250),
+        IsopoConfig(setting="overlap", num_samples=9),  # N is not computed at all
         IsopoConfig(setting=None, p=0.5, q=-1.0, r=-1.5, c_n=0.1, c_o=0.0, c_r=1.0, num_samples=5),
     ):
-        run_against_reference(cfg, steps=2)
+        # and G formed in chunks (40 kB: the MLP's at B = 4), where N's blocks are not summed either
+        variants = [cfg.replace(strategy=s) for s in ("instantiate", "gram")]
+        run_against_reference(cfg, [*variants, cfg.replace(strategy="instantiate", chunk_bytes=40_000)], steps=2)
 
 
 def test_batch_without_padding_matches_reference():
@@ -154,7 +157,7 @@ def test_unregularised_weights_equal_the_spelled_out_rule_on_degenerate_statisti
     """The unregularised weights take A N^(p−r) O^(q+r); the rule spells out A N^p O^q R^r with O = 0 where
     the overlap's denominator vanishes, R = 0 where N does, and 0 wherever the product is not finite. Rows
     with N = 0 (then no overlap either), with O = 0 only, and a layer whose sampled tokens carry nothing."""
-    from algorithms.isopo.weights import non_interacting_weights
+    from algorithms.isopo.weights import needs_norm, non_interacting_weights
 
     cfg = IsopoConfig(setting=None, p=p, q=q, r=r)
     gen = torch.Generator().manual_seed(0)
@@ -171,6 +174,19 @@ def test_unregularised_weights_equal_the_spelled_out_rule_on_degenerate_statisti
         got = non_interacting_weights(norm, overlap_num, den, adv, cfg, {}, {})
         torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
         assert bool((got[2:] != 0).all()) or den == 0
+        if not needs_norm(cfg):  # the pass over G that computes N is skipped: the weights never read it
+            torch.testing.assert_close(non_interacting_weights(None, overlap_num, den, adv, cfg, {}, {}), got,
+                                       rtol=0, atol=0)
+
+
+def test_the_norm_is_computed_only_for_weights_that_read_it():
+    from algorithms.isopo.weights import needs_norm
+
+    named = {name: needs_norm(IsopoConfig(setting=name)) for name in ("paper", "overlap", "rel_overlap", "reinforce")}
+    assert named == {"paper": True, "overlap": False, "rel_overlap": True, "reinforce": False}
+    assert not needs_norm(IsopoConfig(setting="overlap", c_o=0.3))  # Õ regularised, N still unread
+    assert needs_norm(IsopoConfig(setting="overlap", c_n=0.1))  # Ñ^0 with c_n: the EMA of N² is recorded
+    assert needs_norm(IsopoConfig(setting=None, p=0.0, q=1.0, r=-1.0))  # the general rule's ratio O/N
 
 
 @pytest.mark.parametrize(

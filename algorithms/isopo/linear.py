@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .statistics import choose_strategy, grad_stats, gram_out_dtype_supported, layer_stats, output_chunk
-from .weights import interacting_weights, non_interacting_weights
+from .weights import interacting_weights, needs_norm, non_interacting_weights
 
 if TYPE_CHECKING:
     from .batch import MicroBatch, TokenLayout
@@ -161,7 +161,7 @@ def layer_update(
 
     stat_dtype = _stat_dtype(x_flat.dtype)
     stats = layer_stats(a3, d3, a_k, d_k, interacting=positions is None, strategy=strategy, chunk=chunk,
-                        stat_dtype=stat_dtype, fp32_gram=fp32_gram)
+                        stat_dtype=stat_dtype, fp32_gram=fp32_gram, need_norm=needs_norm(cfg))
     recorded: dict[str, torch.Tensor] = {}
     w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
     token_w = _as(w, d_flat.dtype)[token_seq]
@@ -237,7 +237,8 @@ def weights_from_grads(
     its ~15 kernel launches (``graphs.py`` replays it as one)."""
     stat_dtype = _stat_dtype(g.dtype)
     recorded: dict[str, torch.Tensor] = {}
-    w = _weights(grad_stats(g, a_k, d_k, stat_dtype, fp32_gram), a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
+    stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg))
+    w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
     return w, _as(w, g.dtype), recorded
 
 

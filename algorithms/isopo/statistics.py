@@ -55,13 +55,15 @@ def layer_stats(
     chunk: int | None,
     stat_dtype: torch.dtype,
     fp32_gram: bool = False,
+    need_norm: bool = True,
 ) -> LayerStats:
     """a: (B, T, in), d: (B, T, out); a_k: (K, in), d_k: (K, out) the sampled tokens (non-interacting).
     chunk: output rows of G formed at once (None: all of them); fp32_gram: this device has a matmul from
-    bf16/fp16 straight to float32 (see ``gram_out_dtype_supported``)."""
+    bf16/fp16 straight to float32 (see ``gram_out_dtype_supported``); need_norm: False leaves N_i out
+    (non-interacting weights that do not read it)."""
     if strategy == "instantiate":
-        return _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram)
-    return _gram(a, d, a_k, d_k, interacting, stat_dtype)
+        return _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm)
+    return _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm)
 
 
 def output_chunk(chunk_bytes: int, itemsize: int, b: int, d_in: int, d_out: int) -> int | None:
@@ -70,10 +72,10 @@ def output_chunk(chunk_bytes: int, itemsize: int, b: int, d_in: int, d_out: int)
     return None if chunk >= d_out else chunk
 
 
-def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram) -> LayerStats:
+def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm) -> LayerStats:
     d_out = d.shape[-1]
     if chunk is None:
-        return grad_stats(torch.bmm(d.transpose(1, 2), a), a_k, d_k, stat_dtype, fp32_gram)
+        return grad_stats(torch.bmm(d.transpose(1, 2), a), a_k, d_k, stat_dtype, fp32_gram, need_norm)
     a_col = None if interacting else a_k.unsqueeze(2)
     n_sq = overlap_num = ntk = None
     for lo in range(0, d_out, chunk):
@@ -83,30 +85,32 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram) -> 
             part = gram_matrix(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram)
             ntk = part if ntk is None else ntk + part
             continue
-        part_norm, part_o = _block_stats(g, a_col, d_k[:, lo:hi], stat_dtype)
+        part_norm, part_o = _block_stats(g, a_col, d_k[:, lo:hi], stat_dtype, need_norm)
         # The blocks' squared norms and overlap numerators add up, in stat_dtype.
         part_o = part_o.to(stat_dtype)
-        n_sq = part_norm.square() if n_sq is None else n_sq + part_norm.square()
+        if need_norm:
+            n_sq = part_norm.square() if n_sq is None else n_sq + part_norm.square()
         overlap_num = part_o if overlap_num is None else overlap_num + part_o
     norm = None if n_sq is None else n_sq.sqrt()
     return LayerStats(norm=norm, overlap_num=overlap_num, ntk=ntk, per_seq_grad=None)
 
 
 def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | None, stat_dtype: torch.dtype,
-               fp32_gram: bool = False) -> LayerStats:
+               fp32_gram: bool = False, need_norm: bool = True) -> LayerStats:
     """The statistics from the per-sequence gradients g (B, out, in) formed in one piece; a_k is None for
     the interacting variant."""
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
         return LayerStats(norm=None, overlap_num=None, ntk=gram_matrix(g.view(g.shape[0], -1), stat_dtype, fp32_gram),
                           per_seq_grad=g)
-    norm, overlap_num = _block_stats(g, a_k.unsqueeze(2), d_k, stat_dtype)
+    norm, overlap_num = _block_stats(g, a_k.unsqueeze(2), d_k, stat_dtype, need_norm)
     return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None, per_seq_grad=g)
 
 
-def _block_stats(g, a_col, d_k, stat_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(‖G_i‖ over these rows, δ_kᵀ G_i a_k over these rows) of a block g (B, rows, in) of G; d_k (K, rows)."""
+def _block_stats(g, a_col, d_k, stat_dtype, need_norm) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(‖G_i‖ over these rows or None, δ_kᵀ G_i a_k over these rows) of a block g (B, rows, in) of G; d_k
+    (K, rows). The norm is a whole pass over G: skipped when the weights do not read it."""
     b = g.shape[0]
-    norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=stat_dtype)
+    norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=stat_dtype) if need_norm else None
     # δ_kᵀ G_i first: (K, out) @ (B, out, in) runs at matmul speed, while G_i a_k then a reduction over
     # `out` of a (B, out, K) product ran at half of it (measured on CPU, every layer shape of `small`).
     dg = torch.bmm(d_k.expand(b, -1, -1), g)  # (B, K, in)
@@ -144,7 +148,7 @@ def gram_matrix(flat: torch.Tensor, stat_dtype: torch.dtype, fp32_out: bool = Fa
     return flat @ flat.t()
 
 
-def _gram(a, d, a_k, d_k, interacting, stat_dtype) -> LayerStats:
+def _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm=True) -> LayerStats:
     a = a.to(stat_dtype)
     d = d.to(stat_dtype)
     b, t, _ = a.shape
@@ -154,7 +158,9 @@ def _gram(a, d, a_k, d_k, interacting, stat_dtype) -> LayerStats:
         pair = (a_flat @ a_flat.t()) * (d_flat @ d_flat.t())  # (BT, BT) token-pair products
         ntk = pair.reshape(b, t, b, t).sum(dim=(1, 3))
         return LayerStats(norm=None, overlap_num=None, ntk=ntk, per_seq_grad=None)
-    n_sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
+    norm = None
+    if need_norm:
+        norm = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2)).sqrt()
     # δ_kᵀ G_i a_k = Σ_{t∈i} (δ_k·δ_t)(a_t·a_k)
     overlap_num = ((a @ a_k.to(stat_dtype).t()) * (d @ d_k.to(stat_dtype).t())).sum(1)
-    return LayerStats(norm=n_sq.sqrt(), overlap_num=overlap_num, ntk=None, per_seq_grad=None)
+    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None, per_seq_grad=None)

@@ -61,8 +61,22 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den, 0.0)
 
 
+def _unregularised(cfg: IsopoConfig) -> bool:
+    """Whether the weights are A N^(p−r) O^(q+r): no regularisation, and no q = −r ≠ 0 (whose ratio and
+    overlap would cancel to 0^0 where the overlap vanishes)."""
+    return cfg.c_n == 0 and cfg.c_o == 0 and cfg.c_r == 0 and (cfg.q + cfg.r != 0 or cfg.q == 0)
+
+
+def needs_norm(cfg: IsopoConfig) -> bool:
+    """Whether the non-interacting weights read N_i at all (not for `overlap`: w = A/O), so that the pass
+    over the per-sequence gradients that computes it can be skipped."""
+    if _unregularised(cfg):
+        return cfg.p != cfg.r
+    return cfg.p != 0 or cfg.c_n != 0 or cfg.r != 0 or cfg.c_r != 0
+
+
 def non_interacting_weights(
-    norm: torch.Tensor,
+    norm: torch.Tensor | None,
     overlap_num: torch.Tensor,
     overlap_den: torch.Tensor,
     adv: torch.Tensor,
@@ -70,24 +84,25 @@ def non_interacting_weights(
     ema: Mapping[str, torch.Tensor],
     recorded: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """norm: (B,) N_i; overlap_num: (B, K) δ_kᵀ G_i a_k; overlap_den: ‖(‖δ_k‖‖a_k‖)_k‖₂ (a scalar).
+    """norm: (B,) N_i (None where ``needs_norm(cfg)`` is false); overlap_num: (B, K) δ_kᵀ G_i a_k;
+    overlap_den: ‖(‖δ_k‖‖a_k‖)_k‖₂ (a scalar, in the statistics' dtype).
 
     Every statistic here is a (B,)-vector, so each operation is one tiny kernel whose cost is its launch:
     a statistic with exponent 0 and no regularisation is skipped, not computed and multiplied in as 1.
     """
-    overlap = torch.linalg.vector_norm(overlap_num, dim=1, dtype=norm.dtype) / overlap_den
-    if cfg.c_n == 0 and cfg.c_o == 0 and cfg.c_r == 0 and (cfg.q + cfg.r != 0 or cfg.q == 0):
+    overlap = torch.linalg.vector_norm(overlap_num, dim=1, dtype=overlap_den.dtype) / overlap_den
+    if _unregularised(cfg):
         # Unregularised: A N^p O^q (O/N)^r = A N^(p−r) O^(q+r), two powers instead of a ratio and three.
         # Where N = 0 (then O = 0) or O = 0, the old form's 0-valued ratio or overlap gave 0·∞ or 0^e
         # just as these powers do: the same weights, 0 after the clean-up below.
-        w = adv if adv.dtype == norm.dtype else adv.to(norm.dtype)
+        w = adv if adv.dtype == overlap.dtype else adv.to(overlap.dtype)
         if cfg.p != cfg.r:
             w = w * norm ** (cfg.p - cfg.r)
         if cfg.q + cfg.r != 0:
             w = w * overlap ** (cfg.q + cfg.r)
         return torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
     overlap = torch.where(overlap_den > 0, overlap, 0.0)
-    w = adv.to(norm.dtype)
+    w = adv.to(overlap.dtype)
     if cfg.p != 0 or cfg.c_n != 0:
         w = w * regularised(norm, cfg.c_n, cfg.reg_form, ema, recorded, "N") ** cfg.p
     if cfg.q != 0 or cfg.c_o != 0:
