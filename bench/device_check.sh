@@ -47,15 +47,15 @@ overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>
 overhead --repeats "$repeats" --json "$out/$stem.json" || status=1
 overhead --repeats "$repeats" --lm-head response --modes "$three" --json "$out/$stem-lmhead-response.json" \
     --profile "$out/profile.txt" || status=1
-timeout "${GRAPHS_TIMEOUT:-150}" bash -c "$(declare -f overhead); py=$py device=$device model=$model out=$out; \
+timeout "${GRAPHS_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
     overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --cuda-graphs \
     --json $out/$stem-lmhead-response-graphs.json --profile $out/profile-graphs.txt" || status=1
 if [ "${COMPILE:-0}" = 1 ]; then
-    timeout "${COMPILE_TIMEOUT:-150}" bash -c "$(declare -f overhead); py=$py device=$device model=$model out=$out; \
+    timeout "${COMPILE_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
         overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --compile \
         --json $out/$stem-lmhead-response-compile.json" || status=1
 fi
-timeout "${SCALING_TIMEOUT:-180}" bash -c "$(declare -f overhead); py=$py device=$device model=$model out=$out; \
+timeout "${SCALING_TIMEOUT:-180}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
     overhead --repeats 3 --lm-head response --scaling --scaling-T ${SCALING_T:-256,512,1024,2048} \
     --scaling-B ${SCALING_B:-4,8,16} ${SCALING_FLAGS:-} \
     --json $out/scaling-$model-$device-lmhead-response.json" || status=1
