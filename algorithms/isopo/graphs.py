@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 GRAPHS_KEPT = 32
-"""Captured shapes kept (least recently used dropped): each holds its G buffer and its graph's memory."""
+"""Graphs kept, one per shape and EMA key set (least recently used dropped): each holds its graph's memory,
+and a shape's G buffer stays while any of its graphs does."""
 
 
 class StaticInputs:
