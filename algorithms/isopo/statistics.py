@@ -26,8 +26,6 @@ class LayerStats:
     when G was formed in one block, accumulated in float32 by the matmul that made it)."""
     ntk: torch.Tensor | None
     """(B, B) K_ij = ⟨G_i, G_j⟩_F (interacting only)."""
-    per_seq_grad: torch.Tensor | None
-    """(B, out, in) G itself when it was formed in one piece, so the update can reuse it."""
 
 
 def choose_strategy(strategy: str, b: int, t: int, d_in: int, d_out: int, k: int, interacting: bool) -> str:
@@ -92,7 +90,7 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, nee
             n_sq = part_norm.square() if n_sq is None else n_sq + part_norm.square()
         overlap_num = part_o if overlap_num is None else overlap_num + part_o
     norm = None if n_sq is None else n_sq.sqrt()
-    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=ntk, per_seq_grad=None)
+    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=ntk)
 
 
 def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | None, stat_dtype: torch.dtype,
@@ -100,10 +98,9 @@ def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | No
     """The statistics from the per-sequence gradients g (B, out, in) formed in one piece; a_k is None for
     the interacting variant."""
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
-        return LayerStats(norm=None, overlap_num=None, ntk=gram_matrix(g.view(g.shape[0], -1), stat_dtype, fp32_gram),
-                          per_seq_grad=g)
+        return LayerStats(norm=None, overlap_num=None, ntk=gram_matrix(g.view(g.shape[0], -1), stat_dtype, fp32_gram))
     norm, overlap_num = _block_stats(g, a_k.unsqueeze(2), d_k, stat_dtype, need_norm)
-    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None, per_seq_grad=g)
+    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None)
 
 
 def _block_stats(g, a_col, d_k, stat_dtype, need_norm) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -157,10 +154,10 @@ def _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm=True) -> LayerStats
         d_flat = d.reshape(b * t, -1)
         pair = (a_flat @ a_flat.t()) * (d_flat @ d_flat.t())  # (BT, BT) token-pair products
         ntk = pair.reshape(b, t, b, t).sum(dim=(1, 3))
-        return LayerStats(norm=None, overlap_num=None, ntk=ntk, per_seq_grad=None)
+        return LayerStats(norm=None, overlap_num=None, ntk=ntk)
     norm = None
     if need_norm:
         norm = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2)).sqrt()
     # δ_kᵀ G_i a_k = Σ_{t∈i} (δ_k·δ_t)(a_t·a_k)
     overlap_num = ((a @ a_k.to(stat_dtype).t()) * (d @ d_k.to(stat_dtype).t())).sum(1)
-    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None, per_seq_grad=None)
+    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None)
