@@ -10,6 +10,7 @@ buffer, so nothing large is copied.
 A ``TailGraph`` holds one capture: its shape's static inputs (``StaticInputs``, held once per shape), the
 graph and its outputs. Layers of the same shape share it (the static buffers are overwritten by the next such
 layer, after this one's reads on the same stream).
+A capture synchronises the device once (``torch.cuda.graph`` does, before it starts); replays never do.
 With ``capture=False`` the same buffers are filled and the tail runs eagerly on them — the CPU test of
 everything but the capture itself.
 """
