@@ -333,6 +333,31 @@ def test_overlap_update_is_invariant_to_loss_scale():
     assert torch.allclose(scaled[norm_gain], 37.5 * base[norm_gain], rtol=1e-10)
 
 
+class _Doubling(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def test_direct_apply_computes_what_apply_does_and_falls_back_without_the_cpp_apply(monkeypatch):
+    from algorithms.isopo.autograd import direct_apply
+
+    x = torch.randn(3, requires_grad=True)
+    apply = direct_apply(_Doubling)
+    assert apply is not _Doubling.apply
+    y = apply(x, 3.0)
+    y.sum().backward()
+    assert torch.equal(y, 3.0 * x) and y.grad_fn.name() == "_DoublingBackward"
+    assert torch.equal(x.grad, torch.full((3,), 3.0))
+    monkeypatch.setattr(torch._C, "_FunctionBase", None)
+    assert direct_apply(_Doubling) == _Doubling.apply
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_installing_and_removing_leaves_forward_unchanged(dtype):
     model = tiny_qwen3(dtype=dtype)

@@ -27,7 +27,7 @@ from torch import nn
 from .batch import MicroBatch
 from .config import IsopoConfig
 from .graphs import TailGraphs
-from .linear import IsopoLinearFunction
+from .linear import apply_isopo_linear
 from .params import ReinforceGainForward, ReinforceParamsForward, is_gain_module
 from .weights import LayerEma
 
@@ -137,7 +137,7 @@ class Isopo:
 
 def _make_linear_forward(engine: Isopo, layer: LinearLayer):
     def forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        mb = engine.active()
+        mb = engine._active
         if mb is None or not torch.is_grad_enabled():
             return F.linear(x, module.weight, module.bias)
         layout = mb.layout_for(x.shape[:-1])
@@ -146,6 +146,9 @@ def _make_linear_forward(engine: Isopo, layer: LinearLayer):
                 f"ISOPO layer {layer.name}: activations of shape {tuple(x.shape)} match no token layout of the "
                 f"micro-batch ({mb.layout_shapes()}); register the layer's positions with micro_batch(..., views=[...])"
             )
-        return IsopoLinearFunction.apply(x, module.weight, module.bias, layer, mb, layout)
+        device_type = "cuda" if x.is_cuda else x.device.type
+        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        params = module._parameters  # nn.Module.__getattr__ costs the host ~1 µs a lookup
+        return apply_isopo_linear(x, params["weight"], params["bias"], (layer, mb, layout, device_type, cast))
 
     return forward

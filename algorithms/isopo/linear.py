@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .autograd import direct_apply
 from .statistics import choose_strategy, grad_stats, gram_out_dtype_supported, layer_stats, output_chunk
 from .weights import interacting_weights, needs_norm, non_interacting_weights
 
@@ -27,41 +28,49 @@ if TYPE_CHECKING:
 
 
 class IsopoLinearFunction(torch.autograd.Function):
+    """F.linear whose weight gradient is ISOPO's. ``state`` is (layer, micro-batch, token layout, device type,
+    autocast dtype or None): one context attribute, set by the layer's forward (``engine.py``), which also
+    decides the autocast cast outside this function — everything here is paid per layer on the host."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, layer: LinearLayer, mb: MicroBatch, layout: TokenLayout):
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+    def forward(ctx, x, weight, bias, state):
+        cast = state[4]
+        if cast is not None:
             # Cast once here and keep the low-precision copies, as autocast's own linear would.
-            dtype = torch.get_autocast_dtype(device_type)
-            x, weight = _as(x, dtype), _as(weight, dtype)
-            bias = _as(bias, dtype) if bias is not None else None
-            with torch.autocast(device_type, enabled=False):
+            x, weight = _as(x, cast), _as(weight, cast)
+            bias = _as(bias, cast) if bias is not None else None
+            with torch.autocast(state[3], enabled=False):
                 out = F.linear(x, weight, bias)
         else:
             out = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.mb, ctx.layout, ctx.has_bias = layer, mb, layout, bias is not None
+        ctx.state = state
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_autocast_enabled(grad_out.device.type):  # a backward called inside an autocast region
-            with torch.autocast(grad_out.device.type, enabled=False):
+        device_type = ctx.state[3]
+        if torch.is_autocast_enabled(device_type):  # a backward called inside an autocast region
+            with torch.autocast(device_type, enabled=False):
                 return _linear_backward(ctx, grad_out)
         return _linear_backward(ctx, grad_out)
 
 
+apply_isopo_linear = direct_apply(IsopoLinearFunction)
+
+
 def _linear_backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
-    layout = ctx.layout
+    layer, mb, layout = ctx.state[:3]
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
     grad_out = _as(grad_out, weight.dtype)
-    grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-    grad_w = isopo_weight_grad(x, grad_out, ctx.layer, ctx.mb, layout) if ctx.needs_input_grad[1] else None
+    grad_x = grad_out @ weight if needs_x else None
+    grad_w = isopo_weight_grad(x, grad_out, layer, mb, layout) if needs_w else None
     grad_b = None
-    if ctx.has_bias and ctx.needs_input_grad[2]:
+    if needs_b:
         d_flat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_b = _as(layout.token_adv, d_flat.dtype) @ d_flat  # biases take the REINFORCE gradient
-    return grad_x, grad_w, grad_b, None, None, None
+    return grad_x, grad_w, grad_b, None
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
