@@ -38,15 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="key=value overrides")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     overhead = _add_overhead_parser(sub)
+    layer_costs = _add_layer_costs_parser(sub)
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "overhead":
+        own = {"overhead": overhead, "layer-costs": layer_costs}.get(args.command)
+        if own is None:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")  # what parse_args would say
-        overhead.error(f"unrecognized arguments: {' '.join(extra)}")
+        own.error(f"unrecognized arguments: {' '.join(extra)}")
 
+    # Outside the handler below: its error types import the sweep's stack, which a bare GPU host lacks.
     if args.command == "overhead":
-        # Outside the handler below: its error types import the sweep's stack, which a bare GPU host lacks.
         return _overhead(args, sys.argv[1:] if argv is None else argv)
+    if args.command == "layer-costs":
+        return _layer_costs(args)
     try:
         return _run(args)
     except _known_errors() as e:
@@ -75,6 +79,48 @@ def _run(args) -> int:
     return 0
 
 
+def _one_line_error(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _add_layer_costs_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "layer-costs", help="time each piece of one ISOPO layer's backward at a preset's linear shapes",
+        description="Time each piece of an ISOPO linear layer's backward (the per-sequence gradients, their "
+        "norms, overlaps, NTK, the weighted sum, the B×B solve, the whole layer) beside the ordinary "
+        "weight-gradient matmul, at every decoder linear shape of a preset model, and the sum over its "
+        "layers. See bench/layer_costs.py.",
+    )
+    p.error = _one_line_error
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--model", default="small", help="preset: tiny, small, qwen3-0.6b, deep-narrow (default: small)")
+    p.add_argument("--batch", type=int, default=8, help="sequences B (default: 8)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence T (default: 1024)")
+    p.add_argument("--num-samples", type=int, default=250, help="ISOPO's K overlap samples (default: 250)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per piece (default: 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
+    return p
+
+
+def _layer_costs(args) -> int:
+    from torch import OutOfMemoryError
+
+    from .layer_costs import Options, run
+    from .overhead import OverheadError
+
+    try:
+        return run(Options(device=args.device, model=args.model, batch=args.batch, seq_len=args.seq_len,
+                           num_samples=args.num_samples, repeats=args.repeats, warmup=args.warmup))
+    except OverheadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OutOfMemoryError:
+        print(f"error: the {args.device} device ran out of memory at B={args.batch}, T={args.seq_len}; "
+              "try a smaller --batch or --seq-len", file=sys.stderr)
+        return 1
+
+
 def _add_overhead_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "overhead", help="time one update step of REINFORCE, ISOPO and the hook-based ISOPO baseline",
@@ -83,11 +129,7 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
         "JSON (median/min/max seconds, peak memory, ratios to reinforce). See bench/overhead.py for the method.",
     )
 
-    def one_line_error(message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    p.error = one_line_error  # one clear line, like every other bad input of this CLI
+    p.error = _one_line_error  # one clear line, like every other bad input of this CLI
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--model", default="small", help="preset: tiny, small, qwen3-0.6b, deep-narrow (0.6B's 28 blocks at width 64: "
                    "a GPU-free proxy for the host's per-operator cost) (default: small)")
@@ -97,7 +139,8 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16 (default: float32)")
     p.add_argument("--autocast", default=None, help="bf16 or none (default: bf16 on cuda, none on cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds, modes interleaved (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed rounds first (default: 1; 2 with CUDA graphs, whose first two rounds capture)")
     p.add_argument("--modes", default=None,
                    help="comma-separated subset of reinforce, isopo_ni:paper, isopo_ni:overlap, "
                    "isopo_ni:rel_overlap, isopo_int, isopo_ni_hooks, isopo_int_hooks (default: all; with "
@@ -110,9 +153,10 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="ISOPO modes run each layer through torch.compile (IsopoConfig.compile; the warm-up "
                         "round compiles)")
-    p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true",
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="ISOPO modes replay each layer's small-tensor tail as one CUDA graph per shape "
-                        "(IsopoConfig.cuda_graphs; the warm-up round captures; CUDA only)")
+                        "(IsopoConfig.cuda_graphs; the warm-up rounds capture; default: on with --device cuda "
+                        "unless --compile; --no-cuda-graphs runs every layer eagerly)")
     p.add_argument("--strategy", default="auto",
                    help="ISOPO's per-layer statistics: auto (by FLOP count), instantiate or gram (default: auto)")
     p.add_argument("--chunk-mib", type=int, default=256,

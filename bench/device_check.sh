@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # The GPU checks of the overhead benchmark as ONE call on a lent CUDA host, which has torch and transformers
 # but nothing of the sweep's stack and no network (the overhead command needs neither):
-#   1. ISOPO on CUDA against the float64 reference on CUDA and on the CPU, and under bf16 autocast
-#      (tests/test_isopo_device.py);
-#   2. `python -m bench overhead` at Qwen3-0.6B shapes, B=8, T=1024, bf16 autocast, every mode (hooks too);
+#   1. ISOPO on CUDA against the float64 reference on CUDA and on the CPU, and under bf16 autocast, the
+#      CUDA-graph tails against the eager layers (tests/test_isopo_device.py);
+#   2. `python -m bench overhead` at Qwen3-0.6B shapes, B=8, T=1024, bf16 autocast, every mode (hooks too),
+#      ISOPO's layer tails as CUDA graphs (the default on CUDA);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
 #      then one profiled step per mode (profile.txt: where the host's and the device's time goes);
-#   4. step 3 with --cuda-graphs (each layer's small-tensor tail replayed as one CUDA graph; two warm-up
-#      rounds, which capture), with its own profile (profile-graphs.txt), stopped after GRAPHS_TIMEOUT s (150);
+#   4. step 3 with --no-cuda-graphs (every layer eager), with its own profile (profile-eager.txt), stopped
+#      after EAGER_TIMEOUT s (150);
 #   5. only with COMPILE=1: step 3 with --compile (two warm-up rounds, which compile), stopped after
 #      COMPILE_TIMEOUT s (150);
-#   6. the scaling sweep of step 3's modes (SCALING_T at B=8, default 256..2048; SCALING_B at T=1024, default
-#      4..16: B=8 × T=4096 runs REINFORCE itself out of an 80 GB card; 3 timed rounds) with SCALING_FLAGS
-#      (default none; e.g. --cuda-graphs), stopped after SCALING_TIMEOUT s (180); its JSON is rewritten after
-#      every point, so it keeps what it has.
+#   6. the scaling sweep of step 3's modes (SCALING_T at B=SCALING_AT_B, default 256..4096 at B=4; SCALING_B
+#      at T=SCALING_AT_T, default 4..32 at T=512: B=8 × T=4096 runs REINFORCE itself out of an 80 GB card;
+#      3 timed rounds) with SCALING_FLAGS (default none; e.g. --no-cuda-graphs), stopped after
+#      SCALING_TIMEOUT s (180); its JSON is rewritten after every point, so it keeps what it has;
+#   7. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes
+#      (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (90).
 # Usage, from the repository root: bash bench/device_check.sh [OUT]   (default OUT: results/overhead/cuda)
-# Writes machine.txt, device_tests.log, overhead.log, profile.txt, profile-graphs.txt and four JSON files
-# into OUT (nine files; ten with COMPILE=1; seven on a CPU dry run); exits 1 if any step failed. DEVICE, MODEL and REPEATS override
-# the defaults (DEVICE=cpu MODEL=tiny to try it here: step 4, which needs CUDA, is then skipped). On an
-# H100 the call with the compile step instead of step 4 took 268 s with REPEATS=8 COMPILE_TIMEOUT=90
-# SCALING_TIMEOUT=75 (2026-11-26), plus ~30 s to start the machine.
+# Writes machine.txt, device_tests.log, overhead.log, profile.txt, profile-eager.txt, layer-costs.txt and four
+# JSON files into OUT (ten files; eleven with COMPILE=1; eight on a CPU dry run); exits 1 if any step failed. DEVICE, MODEL
+# and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here: step 4, the eager side of CUDA
+# graphs, is then skipped). On an H100 the call took 287 s with the graphs and eager steps swapped and the
+# scaling sweep's smaller default (2026-11-27), plus ~30 s to start the machine.
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
 device="${DEVICE:-cuda}"
@@ -48,11 +51,11 @@ overhead --repeats "$repeats" --json "$out/$stem.json" || status=1
 overhead --repeats "$repeats" --lm-head response --modes "$three" --json "$out/$stem-lmhead-response.json" \
     --profile "$out/profile.txt" || status=1
 if [ "$device" = cuda ]; then
-    timeout "${GRAPHS_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
-        overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --cuda-graphs \
-        --json $out/$stem-lmhead-response-graphs.json --profile $out/profile-graphs.txt" || status=1
+    timeout "${EAGER_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
+        overhead --repeats $repeats --lm-head response --modes $three --no-cuda-graphs \
+        --json $out/$stem-lmhead-response-eager.json --profile $out/profile-eager.txt" || status=1
 else
-    echo "step 4 skipped: --cuda-graphs needs --device cuda" | tee -a "$out/overhead.log"
+    echo "step 4 skipped: on a CPU every layer is eager already" | tee -a "$out/overhead.log"
 fi
 if [ "${COMPILE:-0}" = 1 ]; then
     timeout "${COMPILE_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
@@ -60,8 +63,10 @@ if [ "${COMPILE:-0}" = 1 ]; then
         --json $out/$stem-lmhead-response-compile.json" || status=1
 fi
 timeout "${SCALING_TIMEOUT:-180}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
-    overhead --repeats 3 --lm-head response --scaling --scaling-T ${SCALING_T:-256,512,1024,2048} \
-    --scaling-B ${SCALING_B:-4,8,16} ${SCALING_FLAGS:-} \
+    overhead --repeats 3 --lm-head response --scaling --batch ${SCALING_AT_B:-4} --seq-len ${SCALING_AT_T:-512} \
+    --scaling-T ${SCALING_T:-256,512,1024,2048,4096} --scaling-B ${SCALING_B:-4,8,16,32} ${SCALING_FLAGS:-} \
     --json $out/scaling-$model-$device-lmhead-response.json" || status=1
+timeout "${LAYER_COSTS_TIMEOUT:-90}" "$py" -m bench layer-costs --device "$device" --model "$model" 2>&1 \
+    | tee "$out/layer-costs.txt" || status=1
 
 exit "$status"

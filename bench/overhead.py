@@ -105,7 +105,9 @@ class Options:
     autocast: str | None = None
     """``bf16`` or ``none``; None picks bf16 on CUDA and none on CPU."""
     repeats: int = 5
-    warmup: int = 1
+    warmup: int | None = None
+    """None: 1, or 2 when ISOPO's tails are CUDA graphs (the first round captures, the second captures again
+    for the EMA keys the first recorded)."""
     modes: list[str] | None = None
     """None: every mode (a single run) or reinforce, isopo_ni:paper and isopo_int (``--scaling``)."""
     threads: int | None = None
@@ -114,8 +116,9 @@ class Options:
     """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     compile: bool = False
     """ISOPO modes run each layer's computation through torch.compile (``IsopoConfig.compile``)."""
-    cuda_graphs: bool = False
-    """ISOPO modes replay each layer's tail as a CUDA graph (``IsopoConfig.cuda_graphs``; CUDA only)."""
+    cuda_graphs: bool | None = None
+    """ISOPO modes replay each layer's tail as a CUDA graph (``IsopoConfig.cuda_graphs``; CUDA only). None:
+    on with ``--device cuda`` unless ``--compile``, as ``IsopoConfig``'s default."""
     strategy: str = "auto"
     """ISOPO's per-layer statistics route (``IsopoConfig.strategy``): auto, instantiate or gram."""
     optimizer: bool = False
@@ -163,8 +166,6 @@ def validate(opts: Options) -> Options:
             raise OverheadError(f"--{name} must be a positive integer; got {getattr(opts, name)}")
     if opts.seq_len < 2:
         raise OverheadError(f"--seq-len must be at least 2 (prompt and response halves); got {opts.seq_len}")
-    if opts.warmup < 0:
-        raise OverheadError(f"--warmup must be >= 0; got {opts.warmup}")
     if opts.threads is not None and opts.threads < 1:
         raise OverheadError(f"--threads must be a positive integer; got {opts.threads}")
     if opts.num_samples < 1:
@@ -175,6 +176,12 @@ def validate(opts: Options) -> Options:
         raise OverheadError("--cuda-graphs needs --device cuda")
     if opts.cuda_graphs and opts.compile:
         raise OverheadError("--cuda-graphs and --compile are alternatives; pick one")
+    if opts.cuda_graphs is None:
+        opts.cuda_graphs = opts.device == "cuda" and not opts.compile
+    if opts.warmup is None:
+        opts.warmup = 2 if opts.cuda_graphs else 1
+    if opts.warmup < 0:
+        raise OverheadError(f"--warmup must be >= 0; got {opts.warmup}")
     if opts.strategy not in STRATEGIES:
         raise OverheadError(f"unknown --strategy {opts.strategy!r}; valid: {', '.join(STRATEGIES)}")
     if opts.lm_head not in LM_HEADS:

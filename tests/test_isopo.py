@@ -282,6 +282,12 @@ def test_graph_tails_share_a_shapes_buffers_and_drop_them_with_its_last_graph():
 def test_cuda_graphs_and_compile_are_alternatives():
     with pytest.raises(ValueError, match="compile and cuda_graphs are alternatives"):
         IsopoConfig(compile=True, cuda_graphs=True)
+    # By default graphs are on (for CUDA tensors) unless compiling; False turns them off.
+    assert IsopoConfig().graphs_enabled and not IsopoConfig(compile=True).graphs_enabled
+    assert not IsopoConfig(cuda_graphs=False).graphs_enabled
+    model = tiny_qwen3()
+    assert Isopo(model, IsopoConfig()).graphs is not None
+    assert Isopo(model, IsopoConfig(compile=True)).graphs is None
 
 
 @pytest.mark.parametrize("strategy", ["instantiate", "gram"])

@@ -65,10 +65,29 @@ def test_cli_writes_json_of_the_exact_schema_with_every_mode(tmp_path):
     assert doc["config"]["optimizer"] is None and doc["config"]["autocast"] == "none"
     assert doc["config"]["malloc"] == "retain" and "heap retain" in proc.stdout
     assert doc["config"]["lm_head"] == "all" and "LM head on every position" in proc.stdout
+    assert doc["config"]["cuda_graphs"] is False  # the default is on for CUDA only
     check_results(doc["results"], MODES)
     # The table on stdout names every mode; no temporary file is left behind.
     assert all(mode in proc.stdout for mode in MODES)
     assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]
+
+
+def test_graphs_default_on_for_cuda_with_two_warmup_rounds_and_off_for_cpu_or_compile(monkeypatch):
+    """``IsopoConfig.cuda_graphs``' default, resolved once so that the JSON records what ran: CUDA graphs on
+    CUDA unless compiling, with a second warm-up round for the capture after the first EMA update."""
+    from bench.overhead import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = validate(Options(device="cuda"))
+    assert cuda.cuda_graphs is True and cuda.warmup == 2
+    assert validate(Options(device="cuda", warmup=1)).warmup == 1  # an explicit count stands
+    eager = validate(Options(device="cuda", cuda_graphs=False))
+    assert eager.cuda_graphs is False and eager.warmup == 1
+    compiled = validate(Options(device="cuda", compile=True))
+    assert compiled.cuda_graphs is False and compiled.warmup == 1
+    cpu = validate(Options(device="cpu"))
+    assert cpu.cuda_graphs is False and cpu.warmup == 1
+    assert validate(Options(device="cpu", cuda_graphs=False)).cuda_graphs is False  # --no-cuda-graphs on a CPU
 
 
 def test_overhead_needs_neither_the_sweep_stack_nor_verl(tmp_path):

@@ -51,7 +51,7 @@ class Isopo:
     def __init__(self, model: nn.Module, cfg: IsopoConfig):
         self.model = model
         self.cfg = cfg
-        self.graphs = TailGraphs() if cfg.cuda_graphs else None
+        self.graphs = TailGraphs() if cfg.graphs_enabled else None
         self.layers = [
             LinearLayer(i, name, module, cfg, LayerEma(cfg.ema_decay), graphs=self.graphs)
             for i, (name, module) in enumerate(
