@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 
 BASE_MODE = "reinforce"
-COLUMNS = ["group", "device", "date", "source", "model", "batch", "seq_len", "lm_head", "compile", "cuda_graphs", "mode",
+COLUMNS = ["group", "device", "date", "source", "model", "batch", "seq_len", "lm_head", "compile", "cuda_graphs", "triton_kernels", "mode",
            "median_s", "min_s", "max_s", "host_s", "time_ratio", "paired_ratio", "peak_mib", "mem_ratio"]
-SCALING_COLUMNS = ["group", "device", "date", "source", "model", "lm_head", "compile", "cuda_graphs", "fixed_batch",
+SCALING_COLUMNS = ["group", "device", "date", "source", "model", "lm_head", "compile", "cuda_graphs", "triton_kernels", "fixed_batch",
                    "fixed_seq_len",
                    "batch", "seq_len", "mode", "median_s", "time_ratio", "paired_ratio", "mem_ratio"]
 
@@ -72,6 +72,8 @@ def _file_facts(doc: dict) -> tuple[dict, dict]:
         "lm_head": config.get("lm_head", "all"),  # files written before the option: every position
         "compile": bool(config.get("compile", False)),  # ISOPO's layers through torch.compile
         "cuda_graphs": bool(config.get("cuda_graphs", False)),  # ISOPO's layer tails replayed as CUDA graphs
+        # The Triton kernels for G's Gram matrix and weighted sum (files from before them: cuBLAS).
+        "triton_kernels": bool(config.get("triton_kernels", False)),
     }
     return facts, config
 

@@ -153,6 +153,9 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="ISOPO modes run each layer through torch.compile (IsopoConfig.compile; the warm-up "
                         "round compiles)")
+    p.add_argument("--triton-kernels", dest="triton_kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="ISOPO modes form G's Gram matrix (NTK, norms) and weighted sum with Triton kernels on CUDA "
+                        "(IsopoConfig.triton_kernels; default: on; --no-triton-kernels: cuBLAS)")
     p.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="ISOPO modes replay each layer's small-tensor tail as one CUDA graph per shape "
                         "(IsopoConfig.cuda_graphs; the warm-up rounds capture; default: on with --device cuda "
@@ -194,7 +197,7 @@ def _overhead(args, argv: list[str]) -> int:
             autocast=args.autocast, repeats=args.repeats, warmup=args.warmup,
             modes=[m.strip() for m in args.modes.split(",") if m.strip()] if args.modes is not None else None,
             threads=args.threads, num_samples=args.num_samples, chunk_mib=args.chunk_mib, compile=args.compile,
-            strategy=args.strategy, cuda_graphs=args.cuda_graphs,
+            strategy=args.strategy, cuda_graphs=args.cuda_graphs, triton_kernels=args.triton_kernels,
             optimizer=args.optimizer,
             json=args.json, scaling=args.scaling,
             scaling_t=parse_int_list(args.scaling_t, "--scaling-T") if args.scaling_t is not None else None,

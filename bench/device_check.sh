@@ -2,7 +2,8 @@
 # The GPU checks of the overhead benchmark as ONE call on a lent CUDA host, which has torch and transformers
 # but nothing of the sweep's stack and no network (the overhead command needs neither):
 #   1. ISOPO on CUDA against the float64 reference on CUDA and on the CPU, and under bf16 autocast, the
-#      CUDA-graph tails against the eager layers (tests/test_isopo_device.py);
+#      CUDA-graph tails against the eager layers (tests/test_isopo_device.py); the Triton kernels against
+#      float64 and, inside the engine, against the torch path (tests/test_kernels.py);
 #   2. `python -m bench overhead` at Qwen3-0.6B shapes, B=8, T=1024, bf16 autocast, every mode (hooks too),
 #      ISOPO's layer tails as CUDA graphs (the default on CUDA);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
@@ -42,7 +43,7 @@ status=0
     "$py" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 } 2>&1 | tee "$out/machine.txt" || status=1
 
-"$py" -m pytest -q -p no:cacheprovider tests/test_isopo_device.py 2>&1 | tee "$out/device_tests.log" || status=1
+"$py" -m pytest -q -p no:cacheprovider tests/test_isopo_device.py tests/test_kernels.py 2>&1 | tee "$out/device_tests.log" || status=1
 
 stem="$model-$device-B8-T1024"
 three=reinforce,isopo_ni:paper,isopo_int

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.isopo import IsopoConfig
+from algorithms.isopo import IsopoConfig, kernels
 from algorithms.isopo.linear import layer_update
 from algorithms.isopo.statistics import _block_stats, gram_matrix, gram_out_dtype_supported
 from algorithms.isopo.weights import interacting_weights
@@ -32,7 +32,11 @@ from .overhead import MODELS, OverheadError
 
 PIECES = ("weight_grad", "per_seq_grads", "norms", "overlap", "ntk", "weighted_sum", "interacting_solve",
           "layer_ni", "layer_int")
-"""weight_grad is REINFORCE's (the ordinary matmul); the rest are ISOPO's, layer_ni / layer_int whole."""
+"""weight_grad is REINFORCE's (the ordinary matmul); the rest are ISOPO's torch path, layer_ni / layer_int
+whole layers as configured by default (the Triton kernels where usable)."""
+KERNEL_PIECES = ("gram_kernel", "weighted_sum_kernel", "layer_ni_torch", "layer_int_torch")
+"""Where ISOPO's Triton kernels are usable (CUDA): the kernels' versions of ntk / norms and weighted_sum, and
+the whole layers without them (``IsopoConfig.triton_kernels=False``), side by side."""
 GB = 1e9
 
 
@@ -101,7 +105,15 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
         return lambda: layer_update(x, d, pos, adv, {}, None, None, token_seq, cfg=cfg, b=b, t=t,
                                     strategy="instantiate", chunk=None, fp32_gram=fp32_gram)
 
-    return {
+    by_kernel = {}
+    if kernels.usable(flat):
+        by_kernel = {
+            "gram_kernel": lambda: kernels.gram(flat),
+            "weighted_sum_kernel": lambda: kernels.weighted_sum(adv, flat),
+            "layer_ni_torch": layer(ni_cfg.replace(triton_kernels=False), positions),
+            "layer_int_torch": layer(int_cfg.replace(triton_kernels=False), None),
+        }
+    return by_kernel | {
         "weight_grad": lambda: d.t() @ x,
         "per_seq_grads": lambda: torch.bmm(d3.transpose(1, 2), x3, out=g),
         "norms": lambda: torch.linalg.vector_norm(flat, dim=1, dtype=stat),
@@ -140,15 +152,16 @@ def measure(opts: Options) -> dict:
     shapes = linear_shapes(opts.model)
     rows = [{"in": i, "out": o, "count": n, "g_bytes": opts.batch * i * o * dtype.itemsize}
             for (i, o), n in shapes.items()]
-    us: dict[str, list[float]] = {p: [] for p in PIECES}
+    us: dict[str, list[float]] = {}
     for row in rows:
         pieces = layer_pieces(row["in"], row["out"], opts, dtype)
-        for name in PIECES:
-            us[name].append(time_us(pieces[name], opts.device, opts.repeats, opts.warmup))
+        names = [*PIECES, *(p for p in KERNEL_PIECES if p in pieces)]
+        for name in names:
+            us.setdefault(name, []).append(time_us(pieces[name], opts.device, opts.repeats, opts.warmup))
         del pieces
         if opts.device == "cuda":
             torch.cuda.empty_cache()
-    step_ms = {p: sum(u * r["count"] for u, r in zip(us[p], rows, strict=True)) / 1e3 for p in PIECES}
+    step_ms = {p: sum(u * r["count"] for u, r in zip(us[p], rows, strict=True)) / 1e3 for p in us}
     return {"dtype": str(dtype).removeprefix("torch."), "shapes": rows, "us": us, "step_ms": step_ms}
 
 
@@ -157,7 +170,7 @@ def format_table(result: dict) -> str:
     heads = [f"{r['in']}>{r['out']} ×{r['count']}" for r in shapes]
     width = max(14, *(len(h) for h in heads))
     lines = [f"{'piece (µs)':18s}" + "".join(f"{h:>{width + 2}s}" for h in heads) + f"{'step ms':>10s}"]
-    for piece in PIECES:
+    for piece in result["us"]:
         lines.append(f"{piece:18s}" + "".join(f"{u:>{width + 2}.1f}" for u in result["us"][piece])
                      + f"{result['step_ms'][piece]:>10.2f}")
     g_total = sum(r["g_bytes"] * r["count"] for r in shapes)

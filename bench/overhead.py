@@ -116,6 +116,8 @@ class Options:
     """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     compile: bool = False
     """ISOPO modes run each layer's computation through torch.compile (``IsopoConfig.compile``)."""
+    triton_kernels: bool = True
+    """ISOPO modes run G's Gram matrix and weighted sum as Triton kernels on CUDA (``IsopoConfig.triton_kernels``)."""
     cuda_graphs: bool | None = None
     """ISOPO modes replay each layer's tail as a CUDA graph (``IsopoConfig.cuda_graphs``; CUDA only). None:
     on with ``--device cuda`` unless ``--compile``, as ``IsopoConfig``'s default."""
@@ -399,7 +401,7 @@ class Mode:
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
                  chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False, strategy: str = "auto",
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, triton_kernels: bool = True):
         from .hooks_baseline import HooksIsopo
 
         self.name = name
@@ -409,12 +411,14 @@ class Mode:
         self.engine = None
         if name.startswith("isopo_ni:"):
             cfg = IsopoConfig(variant="non_interacting", setting=name.split(":", 1)[1], num_samples=num_samples,
-                              chunk_bytes=chunk_bytes, compile=compile, strategy=strategy, cuda_graphs=cuda_graphs)
+                              chunk_bytes=chunk_bytes, compile=compile, strategy=strategy, cuda_graphs=cuda_graphs,
+                              triton_kernels=triton_kernels)
             self.engine = Isopo(model, cfg)
         elif name == "isopo_int":
             self.engine = Isopo(model, IsopoConfig(variant="interacting", setting=None, c_lambda=1.0,
                                                    num_samples=num_samples, chunk_bytes=chunk_bytes,
-                                                   compile=compile, strategy=strategy, cuda_graphs=cuda_graphs))
+                                                   compile=compile, strategy=strategy, cuda_graphs=cuda_graphs,
+                                                   triton_kernels=triton_kernels))
         elif name == "isopo_ni_hooks":
             self.engine = HooksIsopo(model, IsopoConfig(setting="paper", num_samples=num_samples))
         elif name == "isopo_int_hooks":
@@ -601,7 +605,7 @@ def make_modes(opts: Options, model: nn.Module) -> list[Mode]:
         autocast = nullcontext
     chunk_bytes = opts.chunk_mib * 2**20
     return [Mode(name, model, optimizer, autocast, opts.num_samples, chunk_bytes, opts.compile, opts.strategy,
-                 opts.cuda_graphs) for name in opts.modes]
+                 opts.cuda_graphs, opts.triton_kernels) for name in opts.modes]
 
 
 def config_dict(opts: Options) -> dict:
@@ -622,6 +626,7 @@ def config_dict(opts: Options) -> dict:
         "compile": opts.compile,
         "strategy": opts.strategy,
         "cuda_graphs": opts.cuda_graphs,
+        "triton_kernels": opts.triton_kernels,
         "optimizer": "adamw" if opts.optimizer else None,
         "torch_version": torch.__version__,
     }

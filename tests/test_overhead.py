@@ -25,7 +25,8 @@ from bench.overhead import make_batch as overhead_batch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--threads", "1"]
 CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "malloc", "lm_head", "peak_memory",
-               "repeats", "warmup", "num_samples", "chunk_mib", "compile", "strategy", "cuda_graphs", "optimizer",
+               "repeats", "warmup", "num_samples", "chunk_mib", "compile", "strategy", "cuda_graphs", "triton_kernels",
+               "optimizer",
                "torch_version"}
 RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "host_median_s", "peak_mib",
                "peak_ratio_vs_reinforce"}
@@ -66,6 +67,7 @@ def test_cli_writes_json_of_the_exact_schema_with_every_mode(tmp_path):
     assert doc["config"]["malloc"] == "retain" and "heap retain" in proc.stdout
     assert doc["config"]["lm_head"] == "all" and "LM head on every position" in proc.stdout
     assert doc["config"]["cuda_graphs"] is False  # the default is on for CUDA only
+    assert doc["config"]["triton_kernels"] is True  # (used where usable: CUDA tensors)
     check_results(doc["results"], MODES)
     # The table on stdout names every mode; no temporary file is left behind.
     assert all(mode in proc.stdout for mode in MODES)
@@ -367,3 +369,14 @@ def test_hooks_baseline_matches_efficient_isopo_on_linear_weights(tie, cfg):
         for name, p in model.named_parameters():
             if name not in linear:
                 torch.testing.assert_close(hooks[1][name], p.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_engine_switches_reach_the_isopo_config():
+    """--no-triton-kernels and --no-cuda-graphs (or their defaults) are what the ISOPO modes' engines run."""
+    model = tiny_qwen3()
+    for kernels_on in (True, False):
+        for graphs in (True, False):
+            mode = Mode("isopo_int", model, None, nullcontext, num_samples=4, cuda_graphs=graphs,
+                        triton_kernels=kernels_on)
+            assert mode.engine.cfg.triton_kernels is kernels_on and mode.engine.cfg.cuda_graphs is graphs
+            assert (mode.engine.graphs is not None) is graphs

@@ -62,6 +62,12 @@ class IsopoConfig:
     a few fused kernels instead of ~30 small ones, for GPUs where launching them is what costs. The first
     backward compiles (seconds to minutes); layers whose G is formed in chunks stay eager; if compiling
     fails the layers run eagerly, with a warning."""
+    triton_kernels: bool = True
+    """On CUDA, G's Gram matrix (the NTK, or the norms N_i as its diagonal) and the weighted sum Σ_i w_i G_i
+    through the Triton kernels of ``kernels.py``, one read of G each, instead of cuBLAS's split-K matmul and
+    matrix–vector product (4–7× slower than that read at Qwen3-0.6B shapes on an H100). Needs Triton (part
+    of CUDA builds of torch) and B ≤ 64; otherwise, for float64 or CPU tensors, and under `compile`, the
+    torch path runs."""
     cuda_graphs: bool | None = None
     """On CUDA, replay the small-tensor tail of each layer's backward (statistics from the per-sequence
     gradients, weights) as one captured CUDA graph per layer shape instead of launching its ~15 kernels one
@@ -70,6 +76,11 @@ class IsopoConfig:
     statistics take the Gram route, whose G is chunked or that see a token-layout view (the LM head on the
     response columns), and CPU tensors, stay eager; if a capture fails the layers run eagerly, with a warning.
     None (default): on unless `compile` is set, the alternative; False: every layer eager."""
+
+    @property
+    def kernels_enabled(self) -> bool:
+        """Whether CUDA tensors take the Triton kernels: `triton_kernels`, unless compiling."""
+        return self.triton_kernels and not self.compile
 
     @property
     def graphs_enabled(self) -> bool:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .autograd import direct_apply
 from .statistics import choose_strategy, grad_stats, gram_out_dtype_supported, layer_stats, output_chunk
 from .weights import interacting_weights, needs_norm, non_interacting_weights
@@ -166,7 +167,7 @@ def layer_update(
     if strategy == "instantiate" and chunk is None:
         g = torch.bmm(d3.transpose(1, 2), a3)  # (B, out, in): the per-sequence gradients G_i
         w, w_g, recorded = weights_from_grads(g, a_k, d_k, adv, ema, cfg=cfg, fp32_gram=fp32_gram)
-        return (w_g @ g.view(b, -1)).view(d_out, d_in), w, recorded
+        return weighted_sum(w, w_g, g, cfg).view(d_out, d_in), w, recorded
 
     stat_dtype = _stat_dtype(x_flat.dtype)
     stats = layer_stats(a3, d3, a_k, d_k, interacting=positions is None, strategy=strategy, chunk=chunk,
@@ -210,8 +211,17 @@ def graphed_layer_update(
         torch.index_select(d_flat, 0, positions, out=tail.d_k)
     tail.load(adv, ema)
     w, w_g, recorded = tail.run(functools.partial(weights_from_grads, cfg=cfg, fp32_gram=fp32_gram), graphs.capture)
-    grad_w = (w_g @ tail.g.view(b, -1)).view(d_out, d_in)
+    grad_w = weighted_sum(w, w_g, tail.g, cfg).view(d_out, d_in)
     return grad_w, w, {key: value.clone() for key, value in recorded.items()}
+
+
+def weighted_sum(w: torch.Tensor, w_g: torch.Tensor, g: torch.Tensor, cfg: IsopoConfig) -> torch.Tensor:
+    """Σ_i w_i G_i, flat: the Triton kernel (float32 accumulation of the float32 weights) where usable
+    (``IsopoConfig.triton_kernels``), else a matrix-vector product with the weights in G's dtype (w_g)."""
+    flat = g.view(g.shape[0], -1)
+    if cfg.kernels_enabled and kernels.usable(flat):
+        return kernels.weighted_sum(w, flat)
+    return w_g @ flat
 
 
 def padded_operands(x_flat, d_flat, token_mask, pad_index, b, t):
@@ -246,7 +256,7 @@ def weights_from_grads(
     its ~15 kernel launches (``graphs.py`` replays it as one)."""
     stat_dtype = _stat_dtype(g.dtype)
     recorded: dict[str, torch.Tensor] = {}
-    stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg))
+    stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg), use_kernels=cfg.kernels_enabled)
     w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
     return w, _as(w, g.dtype), recorded
 

@@ -1,0 +1,96 @@
+"""ISOPO's Triton kernels (algorithms/isopo/kernels.py) against float64 torch: on a GPU compiled, on a CPU in
+Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET there), and inside the engine against the
+torch path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from isopo_fixtures import tiny_qwen3
+from test_isopo import efficient_step, response_tokens, step_batches
+
+from algorithms.isopo import Isopo, IsopoConfig, kernels
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = (["cuda"] if torch.cuda.is_available() else []) + (["cpu"] if INTERPRETING else [])
+# NumPy has no bf16, so the interpreter's bf16 is not to be trusted; the GPU runs it.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+SHAPES = [(1, 7), (5, 3000), (8, 70_001), (16, 513), (33, 1000), (64, 300)]
+
+
+def test_triton_is_installed_wherever_the_suite_runs():
+    """The test extra installs it (and CUDA builds of torch bring it): the kernel tests below must not
+    quietly find nothing to run."""
+    assert kernels.available() and DEVICES
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # The weighted sum is rounded to G's dtype once; the Gram matrix is float32 throughout.
+    return {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("b", "n"), SHAPES)
+def test_weighted_sum_and_gram_match_float64(device, dtype, b, n):
+    gen = torch.Generator().manual_seed(b * 1000 + n)
+    g = torch.randn(b, n, generator=gen).to(device, dtype)
+    w = torch.randn(b, generator=gen).to(device)
+    exact_sum = w.double() @ g.double()
+    got = kernels.weighted_sum(w, g)
+    assert got.dtype == dtype and got.shape == (n,)
+    assert float((got.double() - exact_sum).norm() / exact_sum.norm()) < _tolerance(dtype)
+    exact_gram = g.double() @ g.double().t()
+    gram = kernels.gram(g)
+    assert gram.dtype == torch.float32 and gram.shape == (b, b)
+    assert float((gram.double() - exact_gram).norm() / exact_gram.norm()) < 1e-6
+
+
+def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
+    assert not kernels.usable(torch.zeros(8, 10))  # CPU tensors take the torch path, even when interpreting
+    if torch.cuda.is_available():
+        assert kernels.usable(torch.zeros(8, 10, device="cuda", dtype=torch.bfloat16))
+        assert not kernels.usable(torch.zeros(65, 10, device="cuda"))
+        assert not kernels.usable(torch.zeros(8, 10, device="cuda", dtype=torch.float64))
+        assert not kernels.usable(torch.zeros(10, 8, device="cuda").t())
+        assert not kernels.usable(torch.empty(8, 2**28, device="cuda", dtype=torch.bfloat16))  # int32 indexing
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["non_interacting", "interacting"])
+def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, monkeypatch):
+    """Two float32 steps (the EMAs change between them) through the engine's eager and graph paths, with the
+    kernels and without: the same gradients. On a CPU the kernels are admitted for CPU tensors, interpreted."""
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
+    cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
+                      strategy="instantiate", cuda_graphs=False)
+    calls = {"gram": 0, "weighted_sum": 0}
+    for name in calls:
+        real = getattr(kernels, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    model = tiny_qwen3(dtype=torch.float32).to(device)
+    plain = Isopo(model, cfg.replace(triton_kernels=False))
+    fused = Isopo(model, cfg)
+    graphed = Isopo(model, cfg.replace(cuda_graphs=True))
+    graphed.graphs.capture = device == "cuda"
+    for step in range(2):
+        batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                   for b in step_batches(step)]
+        n_tok = response_tokens(batches)
+        before = dict(calls)
+        expected = efficient_step(model, plain, batches, n_tok)
+        assert calls == before  # triton_kernels=False: the torch path throughout
+        for engine in (fused, graphed):
+            got = efficient_step(model, engine, batches, n_tok)
+            for name, ref in expected.items():
+                err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
+                assert err < 1e-5, f"{name}: {err:.2e}"
+    assert calls["gram"] > 0 and calls["weighted_sum"] > 0
