@@ -7,9 +7,12 @@ ordinary weight-gradient matmul it stands beside. Each piece is the suite's own 
 step's dtype (bf16 on CUDA, as under the benchmark's autocast; float32 on a CPU) — and ``layer_*`` is a
 whole layer's ISOPO weight gradient, every piece together, as an eager layer runs it.
 
-Times are medians of ``repeats`` runs after ``warmup``: CUDA events on a GPU (the GPU's time; a gap while it
-waits for the host counts only where the piece is that short), ``perf_counter`` on a CPU. The step column
-sums each piece over the model's decoder layers (the LM head, chunked in the real step, is left out).
+Two timings, each the median of ``repeats`` after ``warmup``. ``eager``: one call as the host issues it,
+between CUDA events on a GPU (``perf_counter`` on a CPU) — on a GPU a piece shorter than its own launch is
+timed as the host's launch latency, which is what an eager layer pays. ``graph`` (CUDA only): the piece
+captured ``GRAPH_CALLS`` times into one CUDA graph and replayed, per call — the GPU's own time, no host in
+it, which is what the layer costs once its launches are out of the way (graphs, a fused kernel). The step
+column sums each piece over the model's decoder layers (the LM head, chunked in the real step, is left out).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ PIECES = ("weight_grad", "per_seq_grads", "norms", "overlap", "ntk", "weighted_s
           "layer_ni", "layer_int")
 """weight_grad is REINFORCE's (the ordinary matmul); the rest are ISOPO's torch path, layer_ni / layer_int
 whole layers as configured by default (the Triton kernels where usable)."""
-KERNEL_PIECES = ("gram_kernel", "weighted_sum_kernel", "layer_ni_torch", "layer_int_torch")
+KERNEL_PIECES = ("gram_kernel", "weighted_sum_kernel", "layer_ni_triton", "layer_int_triton")
 """Where ISOPO's Triton kernels are usable (CUDA): the kernels' versions of ntk / norms and weighted_sum, and
-the whole layers without them (``IsopoConfig.triton_kernels=False``), side by side."""
+the whole layers with them (``IsopoConfig.triton_kernels=True``), side by side."""
+GRAPH_CALLS = 10
+"""Calls of a piece captured into one graph for the ``graph`` timing."""
 GB = 1e9
 
 
@@ -110,8 +115,8 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
         by_kernel = {
             "gram_kernel": lambda: kernels.gram(flat),
             "weighted_sum_kernel": lambda: kernels.weighted_sum(adv, flat),
-            "layer_ni_torch": layer(ni_cfg.replace(triton_kernels=False), positions),
-            "layer_int_torch": layer(int_cfg.replace(triton_kernels=False), None),
+            "layer_ni_triton": layer(ni_cfg.replace(triton_kernels=True), positions),
+            "layer_int_triton": layer(int_cfg.replace(triton_kernels=True), None),
         }
     return by_kernel | {
         "weight_grad": lambda: d.t() @ x,
@@ -127,7 +132,7 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
 
 
 def time_us(fn: Callable[[], object], device: str, repeats: int, warmup: int) -> float:
-    """Median microseconds of one call."""
+    """Median microseconds of one call as the host issues it."""
     for _ in range(warmup):
         fn()
     times = []
@@ -146,33 +151,73 @@ def time_us(fn: Callable[[], object], device: str, repeats: int, warmup: int) ->
     return statistics.median(times)
 
 
+def replay_us(fn: Callable[[], object], repeats: int, warmup: int, calls: int = GRAPH_CALLS) -> float:
+    """Median microseconds of one call on the GPU alone: ``calls`` calls captured into one CUDA graph (after a
+    warm-up on a side stream, where libraries set up their workspaces), its replays timed. NaN where the
+    piece cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError as e:
+        print(f"warning: could not capture a piece ({e.__class__.__name__}: {str(e).splitlines()[0]})", flush=True)
+        torch.cuda.synchronize()
+        return float("nan")
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def measure(opts: Options) -> dict:
-    """{"shapes": [{"in", "out", "count", "g_bytes"}], "us": {piece: [per shape]}, "step_ms": {piece: total}}."""
+    """{"dtype", "shapes": [{"in", "out", "count", "g_bytes"}], "timings": {"eager" (and on CUDA "graph"):
+    {"us": {piece: [per shape]}, "step_ms": {piece: summed over the layers}}}}."""
     dtype = torch.bfloat16 if opts.device == "cuda" else torch.float32
     shapes = linear_shapes(opts.model)
     rows = [{"in": i, "out": o, "count": n, "g_bytes": opts.batch * i * o * dtype.itemsize}
             for (i, o), n in shapes.items()]
-    us: dict[str, list[float]] = {}
+    kinds = ["eager", "graph"] if opts.device == "cuda" else ["eager"]
+    us: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
     for row in rows:
         pieces = layer_pieces(row["in"], row["out"], opts, dtype)
-        names = [*PIECES, *(p for p in KERNEL_PIECES if p in pieces)]
-        for name in names:
-            us.setdefault(name, []).append(time_us(pieces[name], opts.device, opts.repeats, opts.warmup))
+        for name in [*PIECES, *(p for p in KERNEL_PIECES if p in pieces)]:
+            us["eager"].setdefault(name, []).append(time_us(pieces[name], opts.device, opts.repeats, opts.warmup))
+            if "graph" in us:
+                us["graph"].setdefault(name, []).append(replay_us(pieces[name], opts.repeats, opts.warmup))
         del pieces
         if opts.device == "cuda":
             torch.cuda.empty_cache()
-    step_ms = {p: sum(u * r["count"] for u, r in zip(us[p], rows, strict=True)) / 1e3 for p in us}
-    return {"dtype": str(dtype).removeprefix("torch."), "shapes": rows, "us": us, "step_ms": step_ms}
+    timings = {kind: {"us": per, "step_ms": {p: sum(u * r["count"] for u, r in zip(v, rows, strict=True)) / 1e3
+                                             for p, v in per.items()}}
+               for kind, per in us.items()}
+    return {"dtype": str(dtype).removeprefix("torch."), "shapes": rows, "timings": timings}
 
 
 def format_table(result: dict) -> str:
     shapes = result["shapes"]
     heads = [f"{r['in']}>{r['out']} ×{r['count']}" for r in shapes]
     width = max(14, *(len(h) for h in heads))
-    lines = [f"{'piece (µs)':18s}" + "".join(f"{h:>{width + 2}s}" for h in heads) + f"{'step ms':>10s}"]
-    for piece in result["us"]:
-        lines.append(f"{piece:18s}" + "".join(f"{u:>{width + 2}.1f}" for u in result["us"][piece])
-                     + f"{result['step_ms'][piece]:>10.2f}")
+    lines = []
+    for kind, timing in result["timings"].items():
+        what = "one call as the host issues it" if kind == "eager" else "the GPU alone, from CUDA-graph replays"
+        lines.append(f"{kind}: {what}")
+        lines.append(f"{'piece (µs)':20s}" + "".join(f"{h:>{width + 2}s}" for h in heads) + f"{'step ms':>10s}")
+        for piece, values in timing["us"].items():
+            lines.append(f"{piece:20s}" + "".join(f"{u:>{width + 2}.1f}" for u in values)
+                         + f"{timing['step_ms'][piece]:>10.2f}")
     g_total = sum(r["g_bytes"] * r["count"] for r in shapes)
     size = f"{g_total / GB:.2f} GB" if g_total >= GB / 10 else f"{g_total / 2**20:.1f} MiB"
     lines.append(f"G: {size} per step in {result['dtype']} (every decoder linear layer's per-sequence gradients); "

@@ -66,7 +66,7 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
     if device == "cpu":
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
-                      strategy="instantiate", cuda_graphs=False)
+                      strategy="instantiate", cuda_graphs=False, triton_kernels=True)
     calls = {"gram": 0, "weighted_sum": 0}
     for name in calls:
         real = getattr(kernels, name)

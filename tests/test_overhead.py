@@ -67,7 +67,7 @@ def test_cli_writes_json_of_the_exact_schema_with_every_mode(tmp_path):
     assert doc["config"]["malloc"] == "retain" and "heap retain" in proc.stdout
     assert doc["config"]["lm_head"] == "all" and "LM head on every position" in proc.stdout
     assert doc["config"]["cuda_graphs"] is False  # the default is on for CUDA only
-    assert doc["config"]["triton_kernels"] is True  # (used where usable: CUDA tensors)
+    assert doc["config"]["triton_kernels"] is False
     check_results(doc["results"], MODES)
     # The table on stdout names every mode; no temporary file is left behind.
     assert all(mode in proc.stdout for mode in MODES)
@@ -372,7 +372,7 @@ def test_hooks_baseline_matches_efficient_isopo_on_linear_weights(tie, cfg):
 
 
 def test_engine_switches_reach_the_isopo_config():
-    """--no-triton-kernels and --no-cuda-graphs (or their defaults) are what the ISOPO modes' engines run."""
+    """--triton-kernels and --no-cuda-graphs (or their defaults) are what the ISOPO modes' engines run."""
     model = tiny_qwen3()
     for kernels_on in (True, False):
         for graphs in (True, False):

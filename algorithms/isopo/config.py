@@ -62,12 +62,13 @@ class IsopoConfig:
     a few fused kernels instead of ~30 small ones, for GPUs where launching them is what costs. The first
     backward compiles (seconds to minutes); layers whose G is formed in chunks stay eager; if compiling
     fails the layers run eagerly, with a warning."""
-    triton_kernels: bool = True
+    triton_kernels: bool = False
     """On CUDA, G's Gram matrix (the NTK, or the norms N_i as its diagonal) and the weighted sum Σ_i w_i G_i
     through the Triton kernels of ``kernels.py``, one read of G each, instead of cuBLAS's split-K matmul and
-    matrix–vector product (4–7× slower than that read at Qwen3-0.6B shapes on an H100). Needs Triton (part
-    of CUDA builds of torch) and B ≤ 64; otherwise, for float64 or CPU tensors, and under `compile`, the
-    torch path runs."""
+    matrix–vector product. Off by default: on an H100 at Qwen3-0.6B shapes the step was slower with them
+    (1.19× → 1.24× of REINFORCE, BENCHMARKS.md), the Python launch of each kernel costing the host more than
+    the kernels save the GPU. Needs Triton (part of CUDA builds of torch) and B ≤ 64; otherwise, for float64
+    or CPU tensors, and under `compile`, the torch path runs."""
     cuda_graphs: bool | None = None
     """On CUDA, replay the small-tensor tail of each layer's backward (statistics from the per-sequence
     gradients, weights) as one captured CUDA graph per layer shape instead of launching its ~15 kernels one

@@ -2,16 +2,17 @@
 
 G is B rows of N = out·in columns (B ≈ 8, N in the millions). Its Gram matrix G Gᵀ (the NTK; its diagonal
 holds N_i²) is a matmul with a huge inner dimension and an 8 × 8 output, for which cuBLAS picks a split-K
-kernel; the weighted sum wᵀG is a matrix–vector product. On an H100 at Qwen3-0.6B shapes both ran 4–7×
+kernel; the weighted sum wᵀG is a matrix–vector product. On an H100 at Qwen3-0.6B shapes both ran 3–6×
 slower than reading G once takes (BENCHMARKS.md, session 8). Here each is one read of G: every program
 loads a (B, BLOCK) tile at a time, the Gram kernel multiplies it with its own transpose into a float32
 B × B partial per program (summed afterwards: deterministic, no atomics), the weighted-sum kernel reduces
 it over B in float32.
 
-Used for CUDA tensors (``usable``) when Triton is installed (it comes with CUDA builds of torch). With
-TRITON_INTERPRET=1 in the environment before Triton is first imported (the test suite sets it where there is
-no GPU), the same kernels run on CPU tensors in Triton's interpreter: the check of their indexing and masking
-without a GPU. bf16 is the interpreter's weak spot (NumPy has no bf16): there the tests use float32 and
+Used for CUDA tensors (``usable``) when ``IsopoConfig.triton_kernels`` is set (off by default: on an H100 the
+step was slower with them, their Python launches costing the host more than they save the GPU; BENCHMARKS.md)
+and Triton is installed (it comes with CUDA builds of torch). With TRITON_INTERPRET=1 in the environment
+before Triton is first imported (the test suite sets it where there is no GPU), the same kernels run on CPU
+tensors in Triton's interpreter: the check of their indexing and masking without a GPU. bf16 is the interpreter's weak spot (NumPy has no bf16): there the tests use float32 and
 float16, and a GPU host's device tests cover bf16.
 """
 
