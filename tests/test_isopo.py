@@ -279,6 +279,50 @@ def test_graph_tails_share_a_shapes_buffers_and_drop_them_with_its_last_graph():
     assert graphs.get(3, 4, 5, 0, torch.float32, cpu, adv, {}, torch.float32).g is not before.g
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_the_graph_tails_static_gradient_is_copied_unless_autograd_casts_it(monkeypatch, autocast):
+    """A replayed CUDA graph hands back the same output tensors for every layer of its shape, the weighted
+    gradient among them. Emulated on the CPU (the tail's results copied into buffers kept per graph, as a
+    replay writes them): with G in the weight's dtype the gradient must be copied before the next same-shape
+    layer overwrites it; under bf16 autocast autograd's cast to the float32 weight makes the copy as the
+    backward returns. Both give the eager gradients, and leaving the copy out breaks the first."""
+    import functools
+
+    import algorithms.isopo.linear as linear
+    from algorithms.isopo.graphs import TailGraph
+
+    def replay_like(self, tail, capture):
+        w, grad, recorded = self._call(tail)
+        if self.outputs is None:
+            self.outputs = (w.clone(), grad.clone(), {k: v.clone() for k, v in recorded.items()})
+        else:
+            self.outputs[0].copy_(w)
+            self.outputs[1].copy_(grad)
+            for key, value in recorded.items():
+                self.outputs[2][key].copy_(value)
+        return self.outputs
+
+    monkeypatch.setattr(TailGraph, "run", replay_like)
+    cfg = IsopoConfig(setting="paper", num_samples=9, strategy="instantiate", cuda_graphs=False)
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if autocast else None
+    model = tiny_qwen3(dtype=torch.float32)
+    batches = step_batches(0, SAME_B_STEPS)
+    n_tok = response_tokens(batches)
+
+    def graphed_step():
+        engine = Isopo(model, cfg.replace(cuda_graphs=True))
+        engine.graphs.capture = False
+        return efficient_step(model, engine, batches, n_tok, autocast=bf16)
+
+    expected = efficient_step(model, Isopo(model, cfg), batches, n_tok, autocast=bf16)
+    assert_rel_close(graphed_step(), expected, tol=1e-6)
+    if not autocast:
+        real = linear._graphed
+        monkeypatch.setattr(linear, "_graphed", lambda graphs, args, kwargs, copy: real(graphs, args, kwargs, False))
+        wrong = graphed_step()
+        assert any(float((wrong[n] - e).norm()) > 1e-3 * float(e.norm()) for n, e in expected.items())
+
+
 def test_cuda_graphs_and_compile_are_alternatives():
     with pytest.raises(ValueError, match="compile and cuda_graphs are alternatives"):
         IsopoConfig(compile=True, cuda_graphs=True)

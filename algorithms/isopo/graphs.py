@@ -1,11 +1,11 @@
 """CUDA graphs of the small-tensor tail of a layer's ISOPO backward.
 
-On a GPU the tail (statistics from the per-sequence gradients G, weights: ``linear.weights_from_grads``)
-is ~15 kernels of a few microseconds each, and the host launching them one by one, ~200 layers per
-backward, is what sets the pace of an ISOPO step (BENCHMARKS.md). Captured once per shape, the tail is
-one graph launch: G is written by the eager per-sequence-gradient matmul straight into the graph's static
-input (``out=``), the sample rows likewise, and the weighted gradient is one eager matmul over the same
-buffer, so nothing large is copied.
+On a GPU the tail (statistics from the per-sequence gradients G, weights, the weighted sum Σ_i w_i G_i:
+``linear.tail_update``) is ~15 kernels of a few microseconds each, and the host launching them one by one,
+~200 layers per backward, set the pace of an eager ISOPO step (BENCHMARKS.md). Captured once per shape,
+the tail is one graph launch: G is written by the eager per-sequence-gradient matmul straight into the
+graph's static input (``out=``), the sample rows likewise, and the weighted gradient is the graph's static
+output, so nothing large is copied in (and out only where autograd would keep it: ``linear._graphed``).
 
 A ``TailGraph`` holds one capture: its shape's static inputs (``StaticInputs``, held once per shape), the
 graph and its outputs. Layers of the same shape share it (the static buffers are overwritten by the next such

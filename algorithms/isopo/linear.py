@@ -103,7 +103,9 @@ def isopo_weight_grad(
     # micro-batch to the next, and every new size would be a new capture.
     if (graphs is not None and not graphs.failed and (x.is_cuda or not graphs.capture) and layout is mb.main
             and kwargs["strategy"] == "instantiate" and kwargs["chunk"] is None):
-        grad_w, recorded = _graphed(graphs, args, kwargs)
+        # Under autocast G is bf16 and the weight float32: autograd casts the returned gradient into a new
+        # tensor as the backward returns, so the graph's static output needs no copy of its own.
+        grad_w, recorded = _graphed(graphs, args, kwargs, copy=x.dtype == layer.module._parameters["weight"].dtype)
     else:
         grad_w, recorded = _eager_or_compiled(cfg, args, kwargs)
     for name, value in recorded.items():
@@ -111,9 +113,12 @@ def isopo_weight_grad(
     return grad_w
 
 
-def _graphed(graphs: TailGraphs, args, kwargs):
+def _graphed(graphs: TailGraphs, args, kwargs, copy: bool):
+    """The graphed update; its gradient is the graph's static output, copied where the caller would keep it."""
     try:
         grad_w, _, recorded = graphed_layer_update(graphs, *args, **kwargs)
+        if copy:
+            grad_w = grad_w.clone()
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any capture failure: the eager function computes the same
@@ -166,8 +171,8 @@ def layer_update(
         a_k, d_k = x_flat.index_select(0, positions), d_flat.index_select(0, positions)
     if strategy == "instantiate" and chunk is None:
         g = torch.bmm(d3.transpose(1, 2), a3)  # (B, out, in): the per-sequence gradients G_i
-        w, w_g, recorded = weights_from_grads(g, a_k, d_k, adv, ema, cfg=cfg, fp32_gram=fp32_gram)
-        return weighted_sum(w, w_g, g, cfg).view(d_out, d_in), w, recorded
+        w, grad_flat, recorded = tail_update(g, a_k, d_k, adv, ema, cfg=cfg, fp32_gram=fp32_gram)
+        return grad_flat.view(d_out, d_in), w, recorded
 
     stat_dtype = _stat_dtype(x_flat.dtype)
     stats = layer_stats(a3, d3, a_k, d_k, interacting=positions is None, strategy=strategy, chunk=chunk,
@@ -198,9 +203,11 @@ def graphed_layer_update(
     chunk: int | None,
     fp32_gram: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """``layer_update`` for an unchunked `instantiate` layer, its tail replayed from ``graphs``: G and the
-    sample rows are written straight into the graph's static inputs. The returned w is a static buffer
-    (valid until the next layer of this shape); the gradient and the recorded statistics are fresh."""
+    """``layer_update`` for an unchunked `instantiate` layer, its tail (``tail_update``: statistics, weights,
+    weighted sum) replayed from ``graphs``: G and the sample rows are written straight into the graph's static
+    inputs. The returned gradient and w are static buffers, valid until the next layer of this shape runs
+    (the caller copies the gradient unless autograd's cast to the weight's dtype does); the recorded
+    statistics are fresh."""
     d_in, d_out = x_flat.shape[1], d_flat.shape[1]
     x_flat, d_flat, a3, d3 = padded_operands(x_flat, d_flat, token_mask, pad_index, b, t)
     k = 0 if positions is None else positions.shape[0]
@@ -210,9 +217,25 @@ def graphed_layer_update(
         torch.index_select(x_flat, 0, positions, out=tail.a_k)
         torch.index_select(d_flat, 0, positions, out=tail.d_k)
     tail.load(adv, ema)
-    w, w_g, recorded = tail.run(functools.partial(weights_from_grads, cfg=cfg, fp32_gram=fp32_gram), graphs.capture)
-    grad_w = weighted_sum(w, w_g, tail.g, cfg).view(d_out, d_in)
+    w, grad_flat, recorded = tail.run(functools.partial(tail_update, cfg=cfg, fp32_gram=fp32_gram), graphs.capture)
+    grad_w = grad_flat.view(d_out, d_in)
     return grad_w, w, {key: value.clone() for key, value in recorded.items()}
+
+
+def tail_update(
+    g: torch.Tensor,
+    a_k: torch.Tensor | None,
+    d_k: torch.Tensor | None,
+    adv: torch.Tensor,
+    ema: Mapping[str, torch.Tensor],
+    *,
+    cfg: IsopoConfig,
+    fp32_gram: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Everything after G: (w, Σ_i w_i G_i flat, recorded) — the statistics, the weights and the weighted sum,
+    what ``graphs.py`` replays as one graph."""
+    w, w_g, recorded = weights_from_grads(g, a_k, d_k, adv, ema, cfg=cfg, fp32_gram=fp32_gram)
+    return w, weighted_sum(w, w_g, g, cfg), recorded
 
 
 def weighted_sum(w: torch.Tensor, w_g: torch.Tensor, g: torch.Tensor, cfg: IsopoConfig) -> torch.Tensor:
