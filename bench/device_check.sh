@@ -8,8 +8,9 @@
 #      ISOPO's layer tails as CUDA graphs (the default on CUDA);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
 #      then one profiled step per mode (profile.txt: where the host's and the device's time goes);
-#   4. step 3 with --no-cuda-graphs (every layer eager), with its own profile (profile-eager.txt), stopped
-#      after EAGER_TIMEOUT s (150);
+#   4. step 3 with --no-cuda-graphs (every layer eager), with its own profile (profile-eager.txt), and step 3
+#      with --triton-kernels (G's Gram matrix and weighted sum as Triton kernels), each stopped after
+#      EAGER_TIMEOUT s (150);
 #   5. only with COMPILE=1: step 3 with --compile (two warm-up rounds, which compile), stopped after
 #      COMPILE_TIMEOUT s (150);
 #   6. the scaling sweep of step 3's modes (SCALING_T at B=SCALING_AT_B, default 256..4096 at B=4; SCALING_B
@@ -19,11 +20,12 @@
 #   7. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes
 #      (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (90).
 # Usage, from the repository root: bash bench/device_check.sh [OUT]   (default OUT: results/overhead/cuda)
-# Writes machine.txt, device_tests.log, overhead.log, profile.txt, profile-eager.txt, layer-costs.txt and four
-# JSON files into OUT (ten files; eleven with COMPILE=1; eight on a CPU dry run); exits 1 if any step failed. DEVICE, MODEL
-# and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here: step 4, the eager side of CUDA
-# graphs, is then skipped). On an H100 the call took 287 s with the graphs and eager steps swapped and the
-# scaling sweep's smaller default (2026-11-27), plus ~30 s to start the machine.
+# Writes machine.txt, device_tests.log, overhead.log, profile.txt, profile-eager.txt, layer-costs.txt and five
+# JSON files into OUT (eleven files; twelve with COMPILE=1; eight on a CPU dry run: more than a lent machine
+# sends back, so tar OUT there); exits 1 if any step failed. DEVICE, MODEL and REPEATS override the defaults
+# (DEVICE=cpu MODEL=tiny to try it here: step 4, which needs CUDA, is then skipped). On an H100 steps 1-6
+# took 297 s without step 4's Triton run (2026-11-27), plus ~30 s to start the machine; the Triton run adds
+# ~25 s and step 7 ~60 s.
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
 device="${DEVICE:-cuda}"
@@ -55,8 +57,12 @@ if [ "$device" = cuda ]; then
     timeout "${EAGER_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
         overhead --repeats $repeats --lm-head response --modes $three --no-cuda-graphs \
         --json $out/$stem-lmhead-response-eager.json --profile $out/profile-eager.txt" || status=1
+    timeout "${EAGER_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
+        overhead --repeats $repeats --lm-head response --modes $three --triton-kernels \
+        --json $out/$stem-lmhead-response-triton.json" || status=1
 else
-    echo "step 4 skipped: on a CPU every layer is eager already" | tee -a "$out/overhead.log"
+    echo "step 4 skipped: on a CPU every layer is eager already, and the Triton kernels are for CUDA tensors" \
+        | tee -a "$out/overhead.log"
 fi
 if [ "${COMPILE:-0}" = 1 ]; then
     timeout "${COMPILE_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
