@@ -48,6 +48,26 @@ def test_weighted_sum_and_gram_match_float64(device, dtype, b, n):
     assert float((gram.double() - exact_gram).norm() / exact_gram.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b", [1, 5, 8, 16, 33])
+def test_damped_solve_matches_float64_and_falls_back_to_the_advantages(device, b):
+    """λ (K + λI)⁻¹ A against torch's float64 solve; A where λ = 0 or the factorisation fails, as the torch
+    path (weights.interacting_weights) does."""
+    gen = torch.Generator().manual_seed(b)
+    g = torch.randn(b, 40, generator=gen, dtype=torch.float64)
+    ntk = (g @ g.t()).float().to(device)
+    adv = torch.randn(b, generator=gen).to(device)
+    for lam in (ntk.diagonal().mean(), 0.01 * ntk.diagonal().mean()):
+        exact = lam.double() * torch.linalg.solve(ntk.double() + lam.double() * torch.eye(b, dtype=torch.float64,
+                                                                                           device=device), adv.double())
+        got = kernels.damped_solve(ntk, adv, lam)
+        assert got.dtype == torch.float32 and got.shape == (b,)
+        assert float((got.double() - exact).norm() / exact.norm()) < 1e-6
+    assert torch.equal(kernels.damped_solve(torch.zeros_like(ntk), adv, torch.zeros((), device=device)), adv)
+    not_spd = -torch.eye(b, device=device)
+    assert torch.equal(kernels.damped_solve(not_spd, adv, torch.tensor(0.5, device=device)), adv)
+
+
 def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
     assert not kernels.usable(torch.zeros(8, 10))  # CPU tensors take the torch path, even when interpreting
     if torch.cuda.is_available():
@@ -67,7 +87,7 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
                       strategy="instantiate", cuda_graphs=False, triton_kernels=True)
-    calls = {"gram": 0, "weighted_sum": 0}
+    calls = {"gram": 0, "weighted_sum": 0, "damped_solve": 0}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -94,3 +114,4 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
                 err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
                 assert err < 1e-5, f"{name}: {err:.2e}"
     assert calls["gram"] > 0 and calls["weighted_sum"] > 0
+    assert (calls["damped_solve"] > 0) == (variant == "interacting")

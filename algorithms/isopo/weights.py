@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import kernels
 from .config import IsopoConfig
 
 
@@ -123,13 +124,16 @@ def interacting_weights(ntk: torch.Tensor, adv: torch.Tensor, cfg: IsopoConfig, 
     of them checks its result on the host, where ``linalg.solve`` (even ``solve_ex``) reads its pivots back
     and so synchronised every layer's backward with the device. K + λI is SPD for λ > 0; should the
     factorisation still fail (λ = 0: every G_i vanished in this layer, so any weight gives the same zero
-    update), the weights fall back to A, the λ → ∞ limit.
+    update), the weights fall back to A, the λ → ∞ limit. With ``IsopoConfig.triton_kernels`` a CUDA NTK's
+    system is solved the same way in one Triton program (``kernels.damped_solve``).
     """
     mean_trace = ntk.diagonal().mean()
     recorded["trK"] = mean_trace
     lam = ema.get("trK", mean_trace)
     if cfg.c_lambda != 1.0:
         lam = cfg.c_lambda * lam
+    if cfg.kernels_enabled and kernels.usable(ntk):
+        return kernels.damped_solve(ntk, adv, lam)
     system = ntk.to(torch.float64)
     system.diagonal().add_(lam)
     chol, info = torch.linalg.cholesky_ex(system)
