@@ -7,25 +7,23 @@
 #   2. `python -m bench overhead` at Qwen3-0.6B shapes, B=8, T=1024, bf16 autocast, every mode (hooks too),
 #      ISOPO's layer tails as CUDA graphs (the default on CUDA);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
-#      then one profiled step per mode (profile.txt: where the host's and the device's time goes);
-#   4. step 3 with --no-cuda-graphs (every layer eager), with its own profile (profile-eager.txt), and step 3
-#      with --triton-kernels (G's Gram matrix and weighted sum as Triton kernels), each stopped after
-#      EAGER_TIMEOUT s (150);
-#   5. only with COMPILE=1: step 3 with --compile (two warm-up rounds, which compile), stopped after
-#      COMPILE_TIMEOUT s (150);
-#   6. the scaling sweep of step 3's modes (SCALING_T at B=SCALING_AT_B, default 256..4096 at B=4; SCALING_B
-#      at T=SCALING_AT_T, default 4..32 at T=512: B=8 × T=4096 runs REINFORCE itself out of an 80 GB card;
-#      3 timed rounds) with SCALING_FLAGS (default none; e.g. --no-cuda-graphs), stopped after
-#      SCALING_TIMEOUT s (180); its JSON is rewritten after every point, so it keeps what it has;
-#   7. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes
-#      (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (90).
+#      interleaved in one process with the same two ISOPO modes +eager (every layer eager) and +triton (the
+#      Triton kernels), then one profiled step per mode (profile.txt: where the host's and the device's time
+#      goes);
+#   4. only with COMPILE=1: step 3's three modes with --compile (two warm-up rounds, which compile), stopped
+#      after COMPILE_TIMEOUT s (150);
+#   5. the scaling sweep of reinforce / isopo_ni:paper / isopo_int (SCALING_T at B=SCALING_AT_B, default
+#      256..4096 at B=4; SCALING_B at T=SCALING_AT_T, default 4..32 at T=512: B=8 × T=4096 runs REINFORCE
+#      itself out of an 80 GB card; 3 timed rounds) with SCALING_FLAGS (default none; e.g. --no-cuda-graphs),
+#      stopped after SCALING_TIMEOUT s (180); its JSON is rewritten after every point, so it keeps what it has;
+#   6. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes,
+#      eagerly and from CUDA-graph replays (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (120).
 # Usage, from the repository root: bash bench/device_check.sh [OUT]   (default OUT: results/overhead/cuda)
-# Writes machine.txt, device_tests.log, overhead.log, profile.txt, profile-eager.txt, layer-costs.txt and five
-# JSON files into OUT (eleven files; twelve with COMPILE=1; eight on a CPU dry run: more than a lent machine
-# sends back, so tar OUT there); exits 1 if any step failed. DEVICE, MODEL and REPEATS override the defaults
-# (DEVICE=cpu MODEL=tiny to try it here: step 4, which needs CUDA, is then skipped). On an H100 steps 1-6
-# took 297 s without step 4's Triton run (2026-11-27), plus ~30 s to start the machine; the Triton run adds
-# ~25 s and step 7 ~60 s.
+# Writes machine.txt, device_tests.log, overhead.log, profile.txt, layer-costs.txt and three JSON files into
+# OUT (eight files, as many as a lent machine sends back; nine with COMPILE=1); exits 1 if any step failed.
+# DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here; step 3 then runs its
+# three plain modes). On an H100 the earlier form of steps 1-5 took 297 s (2026-11-27), plus ~30 s to start
+# the machine; step 6 adds ~60-90 s.
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
 device="${DEVICE:-cuda}"
@@ -49,21 +47,14 @@ status=0
 
 stem="$model-$device-B8-T1024"
 three=reinforce,isopo_ni:paper,isopo_int
+switched=$three
+if [ "$device" = cuda ]; then
+    switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+triton,isopo_int+triton
+fi
 overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>&1 | tee -a "$out/overhead.log"; }
 overhead --repeats "$repeats" --json "$out/$stem.json" || status=1
-overhead --repeats "$repeats" --lm-head response --modes "$three" --json "$out/$stem-lmhead-response.json" \
+overhead --repeats "$repeats" --lm-head response --modes "$switched" --json "$out/$stem-lmhead-response.json" \
     --profile "$out/profile.txt" || status=1
-if [ "$device" = cuda ]; then
-    timeout "${EAGER_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
-        overhead --repeats $repeats --lm-head response --modes $three --no-cuda-graphs \
-        --json $out/$stem-lmhead-response-eager.json --profile $out/profile-eager.txt" || status=1
-    timeout "${EAGER_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
-        overhead --repeats $repeats --lm-head response --modes $three --triton-kernels \
-        --json $out/$stem-lmhead-response-triton.json" || status=1
-else
-    echo "step 4 skipped: on a CPU every layer is eager already, and the Triton kernels are for CUDA tensors" \
-        | tee -a "$out/overhead.log"
-fi
 if [ "${COMPILE:-0}" = 1 ]; then
     timeout "${COMPILE_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
         overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --compile \
@@ -73,7 +64,7 @@ timeout "${SCALING_TIMEOUT:-180}" bash -c "set -o pipefail; $(declare -f overhea
     overhead --repeats 3 --lm-head response --scaling --batch ${SCALING_AT_B:-4} --seq-len ${SCALING_AT_T:-512} \
     --scaling-T ${SCALING_T:-256,512,1024,2048,4096} --scaling-B ${SCALING_B:-4,8,16,32} ${SCALING_FLAGS:-} \
     --json $out/scaling-$model-$device-lmhead-response.json" || status=1
-timeout "${LAYER_COSTS_TIMEOUT:-90}" "$py" -m bench layer-costs --device "$device" --model "$model" 2>&1 \
+timeout "${LAYER_COSTS_TIMEOUT:-120}" "$py" -m bench layer-costs --device "$device" --model "$model" 2>&1 \
     | tee "$out/layer-costs.txt" || status=1
 
 exit "$status"

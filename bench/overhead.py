@@ -79,6 +79,11 @@ MODES = (
     "isopo_int_hooks",
 )
 SCALING_MODES = ("reinforce", "isopo_ni:paper", "isopo_int")
+ENGINE_SWITCHES = {"eager": ("cuda_graphs", False), "graphs": ("cuda_graphs", True),
+                   "triton": ("triton_kernels", True), "cublas": ("triton_kernels", False)}
+"""An ISOPO mode's name may end in +eager, +graphs, +triton or +cublas (several allowed): that mode's engine
+departs from the run's --cuda-graphs / --triton-kernels, so both sides of a switch run interleaved in one
+process, e.g. ``--modes isopo_int,isopo_int+triton``."""
 SCALING_T = (256, 512, 1024, 2048, 4096)
 SCALING_B = (4, 8, 16, 32)
 MODELS = ("tiny", "small", "qwen3-0.6b", "deep-narrow")
@@ -180,10 +185,6 @@ def validate(opts: Options) -> Options:
         raise OverheadError("--cuda-graphs and --compile are alternatives; pick one")
     if opts.cuda_graphs is None:
         opts.cuda_graphs = opts.device == "cuda" and not opts.compile
-    if opts.warmup is None:
-        opts.warmup = 2 if opts.cuda_graphs else 1
-    if opts.warmup < 0:
-        raise OverheadError(f"--warmup must be >= 0; got {opts.warmup}")
     if opts.strategy not in STRATEGIES:
         raise OverheadError(f"unknown --strategy {opts.strategy!r}; valid: {', '.join(STRATEGIES)}")
     if opts.lm_head not in LM_HEADS:
@@ -192,9 +193,21 @@ def validate(opts: Options) -> Options:
         raise OverheadError(f"unknown --malloc {opts.malloc!r}; valid: {', '.join(MALLOC_POLICIES)}")
     if opts.modes is None:
         opts.modes = list(SCALING_MODES if opts.scaling else MODES)
-    unknown = [m for m in opts.modes if m not in MODES]
-    if unknown:
-        raise OverheadError(f"unknown mode {unknown[0]!r}; valid modes: {', '.join(MODES)}")
+    graphed = opts.cuda_graphs
+    for mode in opts.modes:
+        base, switches = split_mode(mode)
+        if base not in MODES:
+            raise OverheadError(f"unknown mode {base!r}; valid modes: {', '.join(MODES)} (ISOPO modes may add "
+                                f"{', '.join('+' + s for s in ENGINE_SWITCHES)})")
+        if switches and (not base.startswith("isopo_") or base.endswith("_hooks")):
+            raise OverheadError(f"mode {mode!r}: the + switches apply to isopo_ni:* and isopo_int only")
+        if switches.get("cuda_graphs") and (opts.device != "cuda" or opts.compile):
+            raise OverheadError(f"mode {mode!r}: +graphs needs --device cuda and no --compile")
+        graphed = graphed or switches.get("cuda_graphs", opts.cuda_graphs)
+    if opts.warmup is None:
+        opts.warmup = 2 if graphed else 1
+    if opts.warmup < 0:
+        raise OverheadError(f"--warmup must be >= 0; got {opts.warmup}")
     if not opts.modes:
         raise OverheadError("--modes is empty")
     modes = list(dict.fromkeys(opts.modes))
@@ -396,8 +409,22 @@ def _loss(model: nn.Module, batch: Batch, weight: torch.Tensor) -> torch.Tensor:
     return -(logp * weight).sum()
 
 
+def split_mode(name: str) -> tuple[str, dict[str, bool]]:
+    """("isopo_int+triton+eager") → ("isopo_int", {"triton_kernels": True, "cuda_graphs": False})."""
+    base, *suffixes = name.split("+")
+    switches = {}
+    for suffix in suffixes:
+        if suffix not in ENGINE_SWITCHES:
+            raise OverheadError(f"mode {name!r}: unknown switch +{suffix}; valid: "
+                                f"{', '.join('+' + s for s in ENGINE_SWITCHES)}")
+        field, value = ENGINE_SWITCHES[suffix]
+        switches[field] = value
+    return base, switches
+
+
 class Mode:
-    """One mode's update step; ``begin``/``end`` (untimed) bracket each ``step`` (timed)."""
+    """One mode's update step; ``begin``/``end`` (untimed) bracket each ``step`` (timed). A name's + switches
+    (``ENGINE_SWITCHES``) override ``cuda_graphs`` / ``triton_kernels`` for this mode."""
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
                  chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False, strategy: str = "auto",
@@ -409,6 +436,9 @@ class Mode:
         self.optimizer = optimizer
         self.autocast = autocast
         self.engine = None
+        name, switches = split_mode(name)
+        cuda_graphs = switches.get("cuda_graphs", cuda_graphs)
+        triton_kernels = switches.get("triton_kernels", triton_kernels)
         if name.startswith("isopo_ni:"):
             cfg = IsopoConfig(variant="non_interacting", setting=name.split(":", 1)[1], num_samples=num_samples,
                               chunk_bytes=chunk_bytes, compile=compile, strategy=strategy, cuda_graphs=cuda_graphs,

@@ -194,6 +194,11 @@ def test_profile_writes_the_busiest_operators_of_one_step_per_mode(tmp_path, cap
         (["--chunk-mib", "0"], "--chunk-mib must be a positive integer"),
         (["--strategy", "fastest"], "unknown --strategy 'fastest'; valid: auto, instantiate, gram"),
         (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
+        (["--modes", "isopo_int+fast"], "mode 'isopo_int+fast': unknown switch +fast"),
+        (["--modes", "reinforce+triton"], "the + switches apply to isopo_ni:* and isopo_int only"),
+        (["--modes", "isopo_ni_hooks+eager"], "the + switches apply to isopo_ni:* and isopo_int only"),
+        (["--modes", "isopo_int+graphs"], "+graphs needs --device cuda"),
+        (["--modes", "isopo_nope+triton"], "unknown mode 'isopo_nope'"),
     ],
 )
 def test_bad_options_give_one_clear_error_line_and_exit_2(args, fragment, capsys):
@@ -380,3 +385,25 @@ def test_engine_switches_reach_the_isopo_config():
                         triton_kernels=kernels_on)
             assert mode.engine.cfg.triton_kernels is kernels_on and mode.engine.cfg.cuda_graphs is graphs
             assert (mode.engine.graphs is not None) is graphs
+
+
+def test_mode_switches_run_both_sides_of_a_switch_in_one_process(tmp_path, monkeypatch):
+    """+triton / +eager / +cublas / +graphs: each mode's engine departs from the run's defaults as its name
+    says; the results are keyed by the full names, and a graphed mode anywhere means two warm-up rounds."""
+    from bench.overhead import split_mode, validate
+
+    assert split_mode("isopo_int+triton+eager") == ("isopo_int", {"triton_kernels": True, "cuda_graphs": False})
+    model = tiny_qwen3()
+    mode = Mode("isopo_int+triton+eager", model, None, nullcontext, num_samples=4, cuda_graphs=True)
+    assert mode.engine.cfg.triton_kernels is True and mode.engine.graphs is None
+    mode = Mode("isopo_ni:paper+graphs+cublas", model, None, nullcontext, num_samples=4, triton_kernels=True)
+    assert mode.engine.cfg.triton_kernels is False and mode.engine.graphs is not None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert validate(Options(device="cuda", cuda_graphs=False, modes=["isopo_int", "isopo_int+graphs"])).warmup == 2
+    assert validate(Options(device="cuda", cuda_graphs=False, modes=["isopo_int", "isopo_int+triton"])).warmup == 1
+    monkeypatch.undo()
+    out = tmp_path / "switches.json"
+    assert main(["overhead", *TINY, "--modes", "isopo_int,isopo_int+triton", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["reinforce", "isopo_int", "isopo_int+triton"]
+    check_results(results, results)
