@@ -31,7 +31,7 @@ from algorithms.isopo.statistics import _block_stats, gram_matrix, gram_out_dtyp
 from algorithms.isopo.weights import interacting_weights
 
 from .models import preset_config
-from .overhead import MODELS, OverheadError
+from .overhead import OverheadError, check_model_and_device
 
 PIECES = ("weight_grad", "per_seq_grads", "norms", "overlap", "ntk", "weighted_sum", "interacting_solve",
           "layer_ni", "layer_int")
@@ -58,12 +58,7 @@ class Options:
 
 
 def validate(opts: Options) -> None:
-    if opts.model not in MODELS:
-        raise OverheadError(f"unknown model preset {opts.model!r}; valid presets: {', '.join(MODELS)}")
-    if opts.device not in ("cpu", "cuda"):
-        raise OverheadError(f"unknown device {opts.device!r}; valid devices: cpu, cuda")
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise OverheadError("--device cuda was requested but CUDA is not available; use --device cpu")
+    check_model_and_device(opts.model, opts.device)
     for name in ("batch", "seq_len", "num_samples", "repeats"):
         if getattr(opts, name) < 1:
             raise OverheadError(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(opts, name)}")

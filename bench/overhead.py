@@ -154,14 +154,19 @@ def parse_int_list(text: str, what: str) -> list[int]:
     return values
 
 
-def validate(opts: Options) -> Options:
-    if opts.model not in MODELS:
-        raise OverheadError(f"unknown model preset {opts.model!r}; valid presets: {', '.join(MODELS)}")
-    if opts.device not in ("cpu", "cuda"):
-        raise OverheadError(f"unknown device {opts.device!r}; valid devices: cpu, cuda")
-    if opts.device == "cuda" and not torch.cuda.is_available():
+def check_model_and_device(model: str, device: str) -> None:
+    """The preset and device options every ``python -m bench`` measurement shares."""
+    if model not in MODELS:
+        raise OverheadError(f"unknown model preset {model!r}; valid presets: {', '.join(MODELS)}")
+    if device not in ("cpu", "cuda"):
+        raise OverheadError(f"unknown device {device!r}; valid devices: cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
         raise OverheadError("--device cuda was requested but CUDA is not available (torch "
                             f"{torch.__version__}); use --device cpu")
+
+
+def validate(opts: Options) -> Options:
+    check_model_and_device(opts.model, opts.device)
     if opts.dtype not in DTYPES:
         raise OverheadError(f"unknown dtype {opts.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
     if opts.autocast is None:
