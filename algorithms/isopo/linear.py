@@ -232,10 +232,14 @@ def tail_update(
     cfg: IsopoConfig,
     fp32_gram: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Everything after G: (w, Σ_i w_i G_i flat, recorded) — the statistics, the weights and the weighted sum,
-    what ``graphs.py`` replays as one graph."""
-    w, w_g, recorded = weights_from_grads(g, a_k, d_k, adv, ema, cfg=cfg, fp32_gram=fp32_gram)
-    return w, weighted_sum(w, w_g, g, cfg), recorded
+    """Everything after the per-sequence gradients g (B, out, in), given the overlap sample (a_k, d_k; None:
+    interacting): (w, Σ_i w_i G_i flat, recorded) — the statistics, the weights and the weighted sum, ~15
+    small kernels on a GPU that ``graphs.py`` replays as one graph."""
+    stat_dtype = _stat_dtype(g.dtype)
+    recorded: dict[str, torch.Tensor] = {}
+    stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg), use_kernels=cfg.kernels_enabled)
+    w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
+    return w, weighted_sum(w, _as(w, g.dtype), g, cfg), recorded
 
 
 def weighted_sum(w: torch.Tensor, w_g: torch.Tensor, g: torch.Tensor, cfg: IsopoConfig) -> torch.Tensor:
@@ -262,26 +266,6 @@ def padded_operands(x_flat, d_flat, token_mask, pad_index, b, t):
     a3 = torch.cat([x_flat, x_flat.new_zeros(1, d_in)])[pad_index]
     d3 = torch.cat([d_flat, d_flat.new_zeros(1, d_out)])[pad_index]
     return x_flat, d_flat, a3, d3
-
-
-def weights_from_grads(
-    g: torch.Tensor,
-    a_k: torch.Tensor | None,
-    d_k: torch.Tensor | None,
-    adv: torch.Tensor,
-    ema: Mapping[str, torch.Tensor],
-    *,
-    cfg: IsopoConfig,
-    fp32_gram: bool,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """From the per-sequence gradients g (B, out, in) and the overlap sample (a_k, d_k; None: interacting)
-    to (w, w in g's dtype, recorded): the small-tensor tail of a layer's backward, whose cost on a GPU is
-    its ~15 kernel launches (``graphs.py`` replays it as one)."""
-    stat_dtype = _stat_dtype(g.dtype)
-    recorded: dict[str, torch.Tensor] = {}
-    stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg), use_kernels=cfg.kernels_enabled)
-    w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
-    return w, _as(w, g.dtype), recorded
 
 
 def _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype) -> torch.Tensor:
