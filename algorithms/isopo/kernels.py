@@ -32,6 +32,7 @@ except ImportError:  # a CPU-only torch without Triton: every caller keeps its t
 def _jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
+
 MAX_ROWS = 64
 """More sequences than this per micro-batch take the torch path: the Gram tile (rows × rows) grows as B²."""
 BLOCK = 256
