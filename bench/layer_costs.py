@@ -179,6 +179,19 @@ def replay_us(fn: Callable[[], object], repeats: int, warmup: int, calls: int = 
     return statistics.median(times)
 
 
+def _timed(name: str, kind: str, fn: Callable[[], object], opts: Options) -> float:
+    """One piece's time; NaN, with a warning line, where the piece fails (a kernel that does not compile on
+    this device, say), so that the other pieces are still measured."""
+    try:
+        if kind == "graph":
+            return replay_us(fn, opts.repeats, opts.warmup)
+        return time_us(fn, opts.device, opts.repeats, opts.warmup)
+    except Exception as e:  # noqa: BLE001 - any failure of one piece: report it, measure the rest
+        print(f"warning: {name} ({kind}) failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              flush=True)
+        return float("nan")
+
+
 def measure(opts: Options) -> dict:
     """{"dtype", "shapes": [{"in", "out", "count", "g_bytes"}], "timings": {"eager" (and on CUDA "graph"):
     {"us": {piece: [per shape]}, "step_ms": {piece: summed over the layers}}}}."""
@@ -191,9 +204,8 @@ def measure(opts: Options) -> dict:
     for row in rows:
         pieces = layer_pieces(row["in"], row["out"], opts, dtype)
         for name in [*PIECES, *(p for p in KERNEL_PIECES if p in pieces)]:
-            us["eager"].setdefault(name, []).append(time_us(pieces[name], opts.device, opts.repeats, opts.warmup))
-            if "graph" in us:
-                us["graph"].setdefault(name, []).append(replay_us(pieces[name], opts.repeats, opts.warmup))
+            for kind in kinds:
+                us[kind].setdefault(name, []).append(_timed(name, kind, pieces[name], opts))
         del pieces
         if opts.device == "cuda":
             torch.cuda.empty_cache()

@@ -63,3 +63,24 @@ def test_cli_prints_the_table(capsys):
                  "--repeats", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("layer costs:") and "weighted_sum" in out and "step ms" in out
+
+
+def test_a_failing_piece_is_reported_and_the_rest_measured(monkeypatch, capsys):
+    import bench.layer_costs as layer_costs
+
+    real = layer_costs.layer_pieces
+
+    def with_a_broken_piece(*args):
+        pieces = real(*args)
+
+        def broken():
+            raise RuntimeError("no kernel image for this device")
+
+        return pieces | {"ntk": broken}
+
+    monkeypatch.setattr(layer_costs, "layer_pieces", with_a_broken_piece)
+    result = measure(Options(model="tiny", batch=2, seq_len=8, num_samples=2, repeats=1, warmup=0))
+    timing = result["timings"]["eager"]
+    assert all(u != u for u in timing["us"]["ntk"])  # NaN
+    assert all(u > 0 for u in timing["us"]["weighted_sum"])
+    assert "warning: ntk (eager) failed: RuntimeError: no kernel image for this device" in capsys.readouterr().out
