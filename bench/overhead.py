@@ -539,11 +539,25 @@ def _memory(mode: Mode, batch: Batch, device: str) -> tuple[float, float]:
 
 
 def measure(modes: list[Mode], batch: Batch, device: str, repeats: int, warmup: int,
-            progress=None) -> dict[str, dict]:
-    """Warm-up, interleaved timed rounds, then one memory step per mode; the per-mode result dicts."""
+            progress=None, failed: dict[str, str] | None = None) -> dict[str, dict]:
+    """Warm-up, interleaved timed rounds, then one memory step per mode; the per-mode result dicts. A mode
+    other than reinforce whose warm-up step fails (a kernel that does not build on this device, say) is left
+    out with a warning, its error put in ``failed``, and the others are measured."""
+    modes = list(modes)
     for _ in range(warmup):
-        for mode in modes:
-            _timed(mode, batch, device)
+        for mode in list(modes):
+            try:
+                _timed(mode, batch, device)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one mode's failure: report it, measure the rest
+                if mode.name == BASE:
+                    raise
+                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                _log(f"overhead: mode {mode.name} failed in its warm-up ({error}); measuring the others")
+                modes.remove(mode)
+                if failed is not None:
+                    failed[mode.name] = error
     gc.collect()
     times: dict[str, list[float]] = {m.name: [] for m in modes}
     host: dict[str, list[float]] = {m.name: [] for m in modes}
@@ -710,7 +724,8 @@ def format_scaling(modes: list[str], key: str, fixed: str, values: list[tuple[in
         cells = [str(v), f"{res[BASE]['median_s']:.4f}"]
         for m in modes:
             if m != BASE:
-                cells.append(f"{res[m]['ratio_vs_reinforce']:.3f}x (mem {res[m]['peak_ratio_vs_reinforce']:.2f})")
+                cells.append(f"{res[m]['ratio_vs_reinforce']:.3f}x (mem {res[m]['peak_ratio_vs_reinforce']:.2f})"
+                             if m in res else "failed")
         rows.append(tuple(cells))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [fixed]
@@ -756,9 +771,12 @@ def run_single(opts: Options) -> int:
     _log(f"overhead: {opts.model} on {opts.device}, B={opts.batch} T={opts.seq_len}, "
          f"{len(modes)} modes, {opts.warmup} warm-up + {opts.repeats} timed rounds")
     start = time.perf_counter()
-    results = measure(modes, batch, opts.device, opts.repeats, opts.warmup, progress=_log)
+    failed: dict[str, str] = {}
+    results = measure(modes, batch, opts.device, opts.repeats, opts.warmup, progress=_log, failed=failed)
     doc = {"device": device_name(opts.device), "date": _now(), "command": opts.command,
            "config": config_dict(opts), "results": public(results)}
+    if failed:
+        doc["failed_modes"] = failed
     write_json(path, doc)
     print(f"{doc['device']}, {opts.model}, B={opts.batch}, T={opts.seq_len}, dtype {opts.dtype}, autocast "
           f"{opts.autocast}, {doc['config']['threads']} thread(s), optimizer {doc['config']['optimizer']}, "
@@ -766,7 +784,7 @@ def run_single(opts: Options) -> int:
     print(format_table(results))
     print(f"wall {time.perf_counter() - start:.1f} s; wrote {path}")
     if opts.profile:
-        profile_steps(modes, batch, opts.device, Path(opts.profile))
+        profile_steps([m for m in modes if m.name not in failed], batch, opts.device, Path(opts.profile))
         print(f"wrote the profile of one step per mode to {opts.profile}")
     return 0
 
@@ -795,8 +813,9 @@ def run_scaling(opts: Options) -> int:
     for b, t in grid:
         _log(f"scaling: B={b} T={t} ({len(measured) + 1}/{len(grid)})")
         batch = make_batch(b, t, vocab, opts.device, lm_head=opts.lm_head)
+        failed: dict[str, str] = {}
         try:
-            measured[(b, t)] = measure(modes, batch, opts.device, opts.repeats, opts.warmup)
+            measured[(b, t)] = measure(modes, batch, opts.device, opts.repeats, opts.warmup, failed=failed)
         except torch.OutOfMemoryError:
             # A point too large for the device ends this point, not the sweep.
             del batch
@@ -806,7 +825,8 @@ def run_scaling(opts: Options) -> int:
             write_json(path, doc)
             continue
         del batch
-        doc["points"].append({"batch": b, "seq_len": t, "results": public(measured[(b, t)])})
+        doc["points"].append({"batch": b, "seq_len": t, "results": public(measured[(b, t)]),
+                              **({"failed_modes": failed} if failed else {})})
         # A scaling file also reads as a single-point overhead file (analysis.load_overhead wants "results"):
         # the point at the given B and T if the sweep has it, else the first point.
         base = (opts.batch, opts.seq_len) if (opts.batch, opts.seq_len) in measured else grid[0]

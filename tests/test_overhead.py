@@ -407,3 +407,25 @@ def test_mode_switches_run_both_sides_of_a_switch_in_one_process(tmp_path, monke
     results = json.loads(out.read_text())["results"]
     assert list(results) == ["reinforce", "isopo_int", "isopo_int+triton"]
     check_results(results, results)
+
+
+def test_a_mode_failing_in_its_warm_up_is_recorded_and_the_others_measured(tmp_path, monkeypatch, capsys):
+    """A mode whose step raises (a Triton kernel that does not build on the device, say) is left out with a
+    warning and listed under failed_modes; the run, its table and its profile go on with the rest."""
+    real_step = Mode.step
+
+    def step(self, batch):
+        if self.name == "isopo_int+triton":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        real_step(self, batch)
+
+    monkeypatch.setattr(Mode, "step", step)
+    out = tmp_path / "failed.json"
+    assert main(["overhead", *TINY, "--modes", "isopo_int,isopo_int+triton", "--json", str(out),
+                 "--profile", str(tmp_path / "profile.txt")]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["results"]) == ["reinforce", "isopo_int"]
+    assert doc["failed_modes"] == {"isopo_int+triton": "RuntimeError: no kernel image is available for execution "
+                                                       "on the device"}
+    assert "mode isopo_int+triton failed in its warm-up" in capsys.readouterr().err
+    assert "isopo_int+triton" not in (tmp_path / "profile.txt").read_text()
