@@ -1,4 +1,5 @@
-"""Triton kernels for the passes over the per-sequence gradients G that cuBLAS runs far from memory speed.
+"""Triton kernels for the passes over the per-sequence gradients G that cuBLAS runs far from memory speed,
+and for the interacting variant's B × B solve (``damped_solve``, one program instead of cuSOLVER's calls).
 
 G is B rows of N = out·in columns (B ≈ 8, N in the millions). Its Gram matrix G Gᵀ (the NTK; its diagonal
 holds N_i²) is a matmul with a huge inner dimension and an 8 × 8 output, for which cuBLAS picks a split-K
@@ -12,8 +13,9 @@ Used for CUDA tensors (``usable``) when ``IsopoConfig.triton_kernels`` is set (o
 step was slower with them, their Python launches costing the host more than they save the GPU; BENCHMARKS.md)
 and Triton is installed (it comes with CUDA builds of torch). With TRITON_INTERPRET=1 in the environment
 before Triton is first imported (the test suite sets it where there is no GPU), the same kernels run on CPU
-tensors in Triton's interpreter: the check of their indexing and masking without a GPU. bf16 is the interpreter's weak spot (NumPy has no bf16): there the tests use float32 and
-float16, and a GPU host's device tests cover bf16.
+tensors in Triton's interpreter: the check of their indexing and masking without a GPU. bf16 is the
+interpreter's weak spot (NumPy has no bf16): there the tests use float32 and float16, and a GPU host's
+device tests cover bf16.
 """
 
 from __future__ import annotations

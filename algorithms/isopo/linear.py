@@ -239,16 +239,16 @@ def tail_update(
     recorded: dict[str, torch.Tensor] = {}
     stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg), use_kernels=cfg.kernels_enabled)
     w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
-    return w, weighted_sum(w, _as(w, g.dtype), g, cfg), recorded
+    return w, weighted_sum(w, g, cfg), recorded
 
 
-def weighted_sum(w: torch.Tensor, w_g: torch.Tensor, g: torch.Tensor, cfg: IsopoConfig) -> torch.Tensor:
+def weighted_sum(w: torch.Tensor, g: torch.Tensor, cfg: IsopoConfig) -> torch.Tensor:
     """Σ_i w_i G_i, flat: the Triton kernel (float32 accumulation of the float32 weights) where usable
-    (``IsopoConfig.triton_kernels``), else a matrix-vector product with the weights in G's dtype (w_g)."""
+    (``IsopoConfig.triton_kernels``), else a matrix-vector product with the weights in G's dtype."""
     flat = g.view(g.shape[0], -1)
     if cfg.kernels_enabled and kernels.usable(flat):
         return kernels.weighted_sum(w, flat)
-    return w_g @ flat
+    return _as(w, g.dtype) @ flat
 
 
 def padded_operands(x_flat, d_flat, token_mask, pad_index, b, t):
