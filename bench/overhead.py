@@ -122,7 +122,8 @@ class Options:
     compile: bool = False
     """ISOPO modes run each layer's computation through torch.compile (``IsopoConfig.compile``)."""
     triton_kernels: bool = False
-    """ISOPO modes run G's Gram matrix and weighted sum as Triton kernels on CUDA (``IsopoConfig.triton_kernels``)."""
+    """ISOPO modes run G's Gram matrix, the weighted sum and the interacting solve as Triton kernels on CUDA
+    (``IsopoConfig.triton_kernels``)."""
     cuda_graphs: bool | None = None
     """ISOPO modes replay each layer's tail as a CUDA graph (``IsopoConfig.cuda_graphs``; CUDA only). None:
     on with ``--device cuda`` unless ``--compile``, as ``IsopoConfig``'s default."""
