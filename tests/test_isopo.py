@@ -10,6 +10,7 @@ from isopo_fixtures import make_batch, masked_sum, tiny_qwen3, token_log_probs
 
 from algorithms.isopo import Isopo, IsopoConfig, draw_overlap_samples
 from algorithms.isopo.reference import ReferenceIsopo, RefSequence
+from algorithms.isopo.weights import LayerEma, update_emas
 
 # Three optimizer steps of two micro-batches each: padded rows of unequal length.
 STEPS = [
@@ -456,3 +457,25 @@ def test_float32_runs_and_is_close_to_float64():
 def test_out_of_range_settings_give_one_clear_error(changes, message):
     with pytest.raises(ValueError, match=message):
         IsopoConfig(**changes)
+
+
+def test_batched_ema_update_equals_each_layers_own_rule():
+    """update_emas folds every layer's statistics at once (multi-tensor operations): first updates, later
+    updates with several micro-batches a step and layers of other decays give exactly the spelled-out rule."""
+    gen = torch.Generator().manual_seed(3)
+    emas = [LayerEma(decay) for decay in (0.9, 0.9, 0.5, 0.99)]
+    expected: list[dict[str, torch.Tensor]] = [{} for _ in emas]
+    for step in range(4):
+        for index, (ema, want) in enumerate(zip(emas, expected)):
+            keys = ("N", "trK") if step or index % 2 else ("N",)  # "trK" first seen at step 1 in some layers
+            for key in keys:
+                values = [torch.rand((), generator=gen, dtype=torch.float64) for _ in range(1 + (step + index) % 3)]
+                for value in values:
+                    ema.record(key, value)
+                mean = sum(values[1:], values[0]) / len(values)
+                want[key] = mean if key not in want else ema.decay * want[key] + (1.0 - ema.decay) * mean
+        update_emas(emas)
+        for ema, want in zip(emas, expected):
+            assert set(ema.value) == set(want)
+            for key, value in want.items():
+                assert torch.equal(ema.value[key], value), (step, key)

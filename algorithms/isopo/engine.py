@@ -29,7 +29,7 @@ from .config import IsopoConfig
 from .graphs import TailGraphs
 from .linear import apply_isopo_linear
 from .params import ReinforceGainForward, ReinforceParamsForward, is_gain_module
-from .weights import LayerEma
+from .weights import LayerEma, update_emas
 
 
 @dataclass
@@ -129,8 +129,7 @@ class Isopo:
 
     def end_step(self) -> None:
         """Call once per optimizer step, after its micro-batches' backward passes."""
-        for layer in self.layers:
-            layer.ema.update()
+        update_emas(layer.ema for layer in self.layers)
         self.step += 1
         self._micro_index = 0
 
