@@ -68,6 +68,29 @@ def test_damped_solve_matches_float64_and_falls_back_to_the_advantages(device, b
     assert torch.equal(kernels.damped_solve(not_spd, adv, torch.tensor(0.5, device=device)), adv)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b", [1, 5, 8, 16, 33])
+def test_interacting_weights_from_g_match_float64(device, b):
+    """Gram partials, their sum, tr K / B, λ = c_λ · (EMA or tr K / B) and the solve: against float64 torch, with
+    and without an EMA and at c_λ ≠ 1; A where λ = 0 (every G_i zero)."""
+    gen = torch.Generator().manual_seed(100 + b)
+    g = torch.randn(b, 5000, generator=gen)
+    adv = torch.randn(b, generator=gen)
+    ntk = g.double() @ g.double().t()
+    trace = ntk.diagonal().mean()
+    for ema, c_lambda in ((None, 1.0), (torch.tensor(0.3 * float(trace)), 1.0), (None, 0.05),
+                          (torch.tensor(2.0 * float(trace)), 0.5)):
+        lam = c_lambda * (trace if ema is None else ema.double())
+        exact = lam * torch.linalg.solve(ntk + lam * torch.eye(b, dtype=torch.float64), adv.double())
+        got, got_trace = kernels.interacting_weights(g.to(device), adv.to(device),
+                                                     None if ema is None else ema.to(device), c_lambda)
+        assert got.dtype == torch.float32 and got.shape == (b,) and got_trace.shape == ()
+        assert abs(float(got_trace) - float(trace)) <= 1e-6 * float(trace)
+        assert float((got.cpu().double() - exact).norm() / exact.norm()) < 1e-5
+    zero, _ = kernels.interacting_weights(torch.zeros(b, 300, device=device), adv.to(device), None, 1.0)
+    assert torch.equal(zero.cpu(), adv)
+
+
 def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
     assert not kernels.usable(torch.zeros(8, 10))  # CPU tensors take the torch path, even when interpreting
     if torch.cuda.is_available():
@@ -87,7 +110,7 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
                       strategy="instantiate", cuda_graphs=False, triton_kernels=True)
-    calls = {"gram": 0, "weighted_sum": 0, "damped_solve": 0}
+    calls = {"gram_parts": 0, "weighted_sum": 0, "interacting_weights": 0}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -113,5 +136,5 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
             for name, ref in expected.items():
                 err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
                 assert err < 1e-5, f"{name}: {err:.2e}"
-    assert calls["gram"] > 0 and calls["weighted_sum"] > 0
-    assert (calls["damped_solve"] > 0) == (variant == "interacting")
+    assert calls["gram_parts"] > 0 and calls["weighted_sum"] > 0
+    assert (calls["interacting_weights"] > 0) == (variant == "interacting")

@@ -65,9 +65,11 @@ class IsopoConfig:
     triton_kernels: bool = False
     """On CUDA, G's Gram matrix (the NTK, or the norms N_i as its diagonal) and the weighted sum Σ_i w_i G_i
     through the Triton kernels of ``kernels.py``, one read of G each, instead of cuBLAS's split-K matmul and
-    matrix–vector product, and the interacting B × B solve in one Triton program. Off by default: on an H100 at Qwen3-0.6B shapes the step was slower with them
-    (1.19× → 1.24× of REINFORCE, BENCHMARKS.md), the Python launch of each kernel costing the host more than
-    the kernels save the GPU. Needs Triton (part of CUDA builds of torch) and B ≤ 64; otherwise, for float64
+    matrix–vector product, and for the interacting variant everything from the Gram matrix to the weights
+    (its sum, tr K, λ, the B × B solve) in one Triton program. Off by default: on an H100 at Qwen3-0.6B shapes
+    the step was slower with them (1.19× → 1.24× of REINFORCE, BENCHMARKS.md, measured before the weighted sum
+    and the solve joined the graphed tail), the Python launch of each kernel costing the host more than the
+    kernels save the GPU. Needs Triton (part of CUDA builds of torch) and B ≤ 64; otherwise, for float64
     or CPU tensors, and under `compile`, the torch path runs."""
     cuda_graphs: bool | None = None
     """On CUDA, replay the small-tensor tail of each layer's backward (statistics from the per-sequence

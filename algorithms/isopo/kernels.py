@@ -1,5 +1,6 @@
 """Triton kernels for the passes over the per-sequence gradients G that cuBLAS runs far from memory speed,
-and for the interacting variant's B × B solve (``damped_solve``, one program instead of cuSOLVER's calls).
+and for the interacting variant's B × B solve (``damped_solve``, one program instead of cuSOLVER's calls;
+``interacting_weights``: the Gram kernel, then one program from its partials to the weights).
 
 G is B rows of N = out·in columns (B ≈ 8, N in the millions). Its Gram matrix G Gᵀ (the NTK; its diagonal
 holds N_i²) is a matmul with a huge inner dimension and an 8 × 8 output, for which cuBLAS picks a split-K
@@ -88,14 +89,15 @@ def _gram_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 
 
 @_jit
-def _damped_solve_kernel(k_ptr, adv_ptr, lam_ptr, out_ptr, B, ROWS: tl.constexpr):
-    # One program: K + λI in float64 (padding rows and columns: the identity), its Cholesky factor L column
-    # by column (right-looking, rank-1 updates of the trailing block), then L y = A and Lᵀ x = y.
+def _damped_solve_rows(k, adv, lam, B, ROWS: tl.constexpr):
+    # λ (K + λI)⁻¹ A for a (ROWS, ROWS) tile k whose rows and columns from B on are padding: K + λI in float64
+    # (padding: the identity), its Cholesky factor L column by column (right-looking, rank-1 updates of the
+    # trailing block), then L y = A and Lᵀ x = y; A itself where λ ≤ 0 or a pivot is not positive.
     rows = tl.arange(0, ROWS)
     inside = (rows[:, None] < B) & (rows[None, :] < B)
     eye = rows[:, None] == rows[None, :]
-    lam = tl.load(lam_ptr).to(tl.float64)
-    k = tl.load(k_ptr + rows[:, None] * B + rows[None, :], mask=inside, other=0.0).to(tl.float64)
+    lam = lam.to(tl.float64)
+    k = k.to(tl.float64)
     a = tl.where(inside, k + tl.where(eye, lam, 0.0), tl.where(eye, 1.0, 0.0))
     factor = tl.zeros((ROWS, ROWS), dtype=tl.float64)
     ok = lam > 0
@@ -107,7 +109,7 @@ def _damped_solve_kernel(k_ptr, adv_ptr, lam_ptr, out_ptr, B, ROWS: tl.constexpr
         below = tl.where(rows > j, col / root, 0.0)
         factor = tl.where(rows[None, :] == j, (below + tl.where(rows == j, root, 0.0))[:, None], factor)
         a = a - below[:, None] * below[None, :]
-    adv = tl.load(adv_ptr + rows, mask=rows < B, other=0.0).to(tl.float64)
+    adv = adv.to(tl.float64)
     rest = adv
     y = tl.zeros((ROWS,), dtype=tl.float64)
     for j in range(ROWS):  # L y = A, column by column
@@ -123,7 +125,45 @@ def _damped_solve_kernel(k_ptr, adv_ptr, lam_ptr, out_ptr, B, ROWS: tl.constexpr
         xj = tl.sum(tl.where(rows == j, rest, 0.0), axis=0) / tl.sum(tl.where(rows == j, row, 0.0), axis=0)
         x = tl.where(rows == j, xj, x)
         rest = rest - tl.where(rows < j, row * xj, 0.0)
-    w = tl.where(ok, lam * x, adv)
+    return tl.where(ok, lam * x, adv)
+
+
+@_jit
+def _damped_solve_kernel(k_ptr, adv_ptr, lam_ptr, out_ptr, B, ROWS: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    inside = (rows[:, None] < B) & (rows[None, :] < B)
+    k = tl.load(k_ptr + rows[:, None] * B + rows[None, :], mask=inside, other=0.0)
+    adv = tl.load(adv_ptr + rows, mask=rows < B, other=0.0)
+    w = _damped_solve_rows(k, adv, tl.load(lam_ptr), B, ROWS)
+    tl.store(out_ptr + rows, w.to(out_ptr.dtype.element_ty), mask=rows < B)
+
+
+@_jit
+def _interacting_kernel(part_ptr, P, adv_ptr, ema_ptr, out_ptr, trace_ptr, B, c_lambda, HAS_EMA: tl.constexpr,
+                        ROWS: tl.constexpr, PARTS: tl.constexpr):
+    # One program, the whole interacting rule after the Gram kernel: the NTK as the sum of its partials (PARTS
+    # of them per load), tr K / B (stored: the statistic the EMA records), λ = c_λ · (EMA or tr K / B), then
+    # the damped solve.
+    rows = tl.arange(0, ROWS)
+    parts = tl.arange(0, PARTS)
+    tile = rows[None, :, None] * ROWS + rows[None, None, :]
+    k = tl.zeros((ROWS, ROWS), dtype=tl.float32)
+    start = 0
+    while start < P:  # a while loop: Triton's interpreter cannot take range() over a run-time bound
+        index = start + parts
+        block = tl.load(part_ptr + index[:, None, None] * (ROWS * ROWS) + tile, mask=index[:, None, None] < P,
+                        other=0.0)
+        k += tl.sum(block, axis=0)
+        start += PARTS
+    eye = rows[:, None] == rows[None, :]
+    mean_trace = tl.sum(tl.sum(tl.where(eye, k, 0.0), axis=1), axis=0) / B
+    tl.store(trace_ptr, mean_trace)
+    if HAS_EMA:
+        lam = tl.load(ema_ptr).to(tl.float32) * c_lambda
+    else:
+        lam = mean_trace * c_lambda
+    adv = tl.load(adv_ptr + rows, mask=rows < B, other=0.0)
+    w = _damped_solve_rows(k, adv, lam, B, ROWS)
     tl.store(out_ptr + rows, w.to(out_ptr.dtype.element_ty), mask=rows < B)
 
 
@@ -147,14 +187,38 @@ def weighted_sum(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gram(g: torch.Tensor) -> torch.Tensor:
-    """g gᵀ for g (B, N), in float32: (B, B)."""
+def gram_parts(g: torch.Tensor) -> torch.Tensor:
+    """The Gram kernel's per-program partials of g gᵀ for g (B, N), in float32, padded to (P, R, R) with
+    R = max(16, B rounded up to a power of two): they sum to g gᵀ in the top-left (B, B) block."""
     b, n = g.shape
     rows, steps = _rows_padded(b), _steps(n, g.device)
     programs = triton.cdiv(n, BLOCK * steps)
     parts = torch.empty(programs, rows, rows, dtype=torch.float32, device=g.device)
     _gram_kernel[(programs,)](g, parts, b, n, ROWS=rows, BLOCK=BLOCK, STEPS=steps, IEEE=g.dtype == torch.float32)
-    return parts[:, :b, :b].sum(0)
+    return parts
+
+
+def gram(g: torch.Tensor) -> torch.Tensor:
+    """g gᵀ for g (B, N), in float32: (B, B)."""
+    b = g.shape[0]
+    return gram_parts(g)[:, :b, :b].sum(0)
+
+
+def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Tensor | None,
+                        c_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interacting rule from the per-sequence gradients g (B, N) in two kernels, the Gram kernel and one
+    program for the rest: (Ã = λ (K + λI)⁻¹ A in float32, tr K / B) with λ = c_λ · ema_trace, or c_λ · tr K / B
+    where there is no EMA yet (``weights.interacting_weights``, the torch path, computes the same)."""
+    b = g.shape[0]
+    parts = gram_parts(g)
+    rows = parts.shape[1]
+    w = torch.empty(b, dtype=torch.float32, device=g.device)
+    trace = torch.empty((), dtype=torch.float32, device=g.device)
+    has_ema = ema_trace is not None
+    _interacting_kernel[(1,)](parts, parts.shape[0], adv.contiguous(), ema_trace if has_ema else trace, w, trace,
+                              b, float(c_lambda), HAS_EMA=has_ema, ROWS=rows,
+                              PARTS=max(1, 4096 // (rows * rows)))
+    return w, trace
 
 
 def damped_solve(k: torch.Tensor, adv: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -237,6 +237,11 @@ def tail_update(
     small kernels on a GPU that ``graphs.py`` replays as one graph."""
     stat_dtype = _stat_dtype(g.dtype)
     recorded: dict[str, torch.Tensor] = {}
+    if a_k is None and cfg.kernels_enabled and stat_dtype == torch.float32 and kernels.usable(g.view(g.shape[0], -1)):
+        # Two kernels from G to the weights (Gram partials; their sum, tr K, λ and the solve in one program):
+        # in a graph, a few nodes instead of the torch path's ~20 — a graph's launch costs the host per node.
+        w, recorded["trK"] = kernels.interacting_weights(g.view(g.shape[0], -1), adv, ema.get("trK"), cfg.c_lambda)
+        return w, weighted_sum(w, g, cfg), recorded
     stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg), use_kernels=cfg.kernels_enabled)
     w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
     return w, weighted_sum(w, g, cfg), recorded
