@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from isopo_fixtures import tiny_qwen3
@@ -91,6 +92,29 @@ def test_interacting_weights_from_g_match_float64(device, b):
     assert torch.equal(zero.cpu(), adv)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b", [1, 5, 8, 16, 33])
+@pytest.mark.parametrize(("exp_norm", "exp_overlap"), [(2.0, -3.0), (0.0, -1.0), (2.0, 0.0), (0.0, 0.0), (-1.0, 2.0)])
+def test_non_interacting_weights_match_float64(device, b, exp_norm, exp_overlap):
+    """A N^exp_norm O^exp_overlap against float64 torch, the paper's (2, −3), `overlap`'s (0, −1) and
+    others; a sequence whose gradient and overlap numerators vanish gets 0, not NaN or inf."""
+    gen = torch.Generator().manual_seed(b)
+    k, d_in, d_out = 37, 300, 70
+    g = torch.randn(b, d_out * d_in, generator=gen)
+    num = torch.randn(b, k, generator=gen)
+    g[0], num[0] = 0.0, 0.0
+    a_k, d_k, adv = torch.randn(k, d_in, generator=gen), torch.randn(k, d_out, generator=gen), torch.randn(b, generator=gen)
+    den = (d_k.double().norm(dim=1) * a_k.double().norm(dim=1)).norm()
+    exact = adv.double() * g.double().norm(dim=1) ** exp_norm * (num.double().norm(dim=1) / den) ** exp_overlap
+    exact = torch.nan_to_num(exact, nan=0.0, posinf=0.0, neginf=0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # the interpreter's NumPy on log2(0) and 0·inf
+        got = kernels.non_interacting_weights(g.to(device), num.to(device), a_k.to(device), d_k.to(device),
+                                              adv.to(device), exp_norm, exp_overlap)
+    assert got.dtype == torch.float32 and got.shape == (b,)
+    assert float((got.cpu().double() - exact).norm() / exact.norm().clamp_min(1e-30)) < 1e-5
+    assert torch.isfinite(got).all()
+
+
 def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
     assert not kernels.usable(torch.zeros(8, 10))  # CPU tensors take the torch path, even when interpreting
     if torch.cuda.is_available():
@@ -101,6 +125,8 @@ def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
         assert not kernels.usable(torch.empty(8, 2**28, device="cuda", dtype=torch.bfloat16))  # int32 indexing
 
 
+# The interpreter's NumPy warns where a layer's statistic is 0 (log2(0), then 0·inf): the weights handle it.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2", "ignore:invalid value encountered in multiply")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["non_interacting", "interacting"])
 def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, monkeypatch):
@@ -110,7 +136,7 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
                       strategy="instantiate", cuda_graphs=False, triton_kernels=True)
-    calls = {"gram_parts": 0, "weighted_sum": 0, "interacting_weights": 0}
+    calls = {"gram_parts": 0, "weighted_sum": 0, "interacting_weights": 0, "non_interacting_weights": 0}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -138,3 +164,4 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
                 assert err < 1e-5, f"{name}: {err:.2e}"
     assert calls["gram_parts"] > 0 and calls["weighted_sum"] > 0
     assert (calls["interacting_weights"] > 0) == (variant == "interacting")
+    assert (calls["non_interacting_weights"] > 0) == (variant == "non_interacting")

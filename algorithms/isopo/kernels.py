@@ -139,11 +139,8 @@ def _damped_solve_kernel(k_ptr, adv_ptr, lam_ptr, out_ptr, B, ROWS: tl.constexpr
 
 
 @_jit
-def _interacting_kernel(part_ptr, P, adv_ptr, ema_ptr, out_ptr, trace_ptr, B, c_lambda, HAS_EMA: tl.constexpr,
-                        ROWS: tl.constexpr, PARTS: tl.constexpr):
-    # One program, the whole interacting rule after the Gram kernel: the NTK as the sum of its partials (PARTS
-    # of them per load), tr K / B (stored: the statistic the EMA records), λ = c_λ · (EMA or tr K / B), then
-    # the damped solve.
+def _sum_parts(part_ptr, P, ROWS: tl.constexpr, PARTS: tl.constexpr):
+    # The Gram kernel's P partials (P, ROWS, ROWS) summed, PARTS of them per load: (ROWS, ROWS) float32.
     rows = tl.arange(0, ROWS)
     parts = tl.arange(0, PARTS)
     tile = rows[None, :, None] * ROWS + rows[None, None, :]
@@ -155,6 +152,75 @@ def _interacting_kernel(part_ptr, P, adv_ptr, ema_ptr, out_ptr, trace_ptr, B, c_
                         other=0.0)
         k += tl.sum(block, axis=0)
         start += PARTS
+    return k
+
+
+@_jit
+def _row_norm_product_kernel(a_ptr, d_ptr, out_ptr, D_IN, D_OUT, BLOCK: tl.constexpr):
+    # Program k: ‖δ_k‖ · ‖a_k‖ for row k of the overlap sample, float32 sums of squares.
+    k = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    a_sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    start = 0
+    while start < D_IN:  # while loops: see _sum_parts
+        x = tl.load(a_ptr + k * D_IN + start + cols, mask=start + cols < D_IN, other=0.0).to(tl.float32)
+        a_sq += x * x
+        start += BLOCK
+    d_sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    start = 0
+    while start < D_OUT:
+        x = tl.load(d_ptr + k * D_OUT + start + cols, mask=start + cols < D_OUT, other=0.0).to(tl.float32)
+        d_sq += x * x
+        start += BLOCK
+    tl.store(out_ptr + k, tl.sqrt(tl.sum(d_sq, axis=0)) * tl.sqrt(tl.sum(a_sq, axis=0)))
+
+
+@_jit
+def _power(x, e):
+    # x^e for x ≥ 0 as torch.pow gives it: 0 to a negative power is inf, to a positive one 0; NaN stays NaN.
+    return tl.exp2(e * tl.log2(x))
+
+
+@_jit
+def _non_interacting_kernel(part_ptr, P, num_ptr, prod_ptr, adv_ptr, out_ptr, B, K, EXP_N, EXP_O,
+                            HAS_N: tl.constexpr, HAS_O: tl.constexpr, ROWS: tl.constexpr, PARTS: tl.constexpr,
+                            KBLOCK: tl.constexpr):
+    # One program, the unregularised non-interacting rule w = A N^(p−r) O^(q+r) from the Gram partials (N² on
+    # their summed diagonal), the overlap numerators (B, K) and the sample's ‖δ_k‖·‖a_k‖ (K,); 0 where the
+    # rule gives NaN or ±inf, as torch.nan_to_num does on the torch path.
+    rows = tl.arange(0, ROWS)
+    w = tl.load(adv_ptr + rows, mask=rows < B, other=0.0).to(tl.float32)
+    if HAS_N:
+        k = _sum_parts(part_ptr, P, ROWS, PARTS)
+        norm = tl.sqrt(tl.sum(tl.where(rows[:, None] == rows[None, :], k, 0.0), axis=1))
+        w = w * _power(norm, EXP_N)
+    if HAS_O:
+        cols = tl.arange(0, KBLOCK)
+        num_sq = tl.zeros((ROWS,), dtype=tl.float32)
+        den_sq = tl.zeros((KBLOCK,), dtype=tl.float32)
+        start = 0
+        while start < K:
+            inside = start + cols < K
+            num = tl.load(num_ptr + rows[:, None] * K + start + cols[None, :],
+                          mask=(rows[:, None] < B) & inside[None, :], other=0.0).to(tl.float32)
+            num_sq += tl.sum(num * num, axis=1)
+            prod = tl.load(prod_ptr + start + cols, mask=inside, other=0.0)
+            den_sq += prod * prod
+            start += KBLOCK
+        overlap = tl.sqrt(num_sq) / tl.sqrt(tl.sum(den_sq, axis=0))
+        w = w * _power(overlap, EXP_O)
+    finite = w * 0.0 == 0.0  # false for NaN and ±inf
+    tl.store(out_ptr + rows, tl.where(finite, w, 0.0).to(out_ptr.dtype.element_ty), mask=rows < B)
+
+
+@_jit
+def _interacting_kernel(part_ptr, P, adv_ptr, ema_ptr, out_ptr, trace_ptr, B, c_lambda, HAS_EMA: tl.constexpr,
+                        ROWS: tl.constexpr, PARTS: tl.constexpr):
+    # One program, the whole interacting rule after the Gram kernel: the NTK as the sum of its partials (PARTS
+    # of them per load), tr K / B (stored: the statistic the EMA records), λ = c_λ · (EMA or tr K / B), then
+    # the damped solve.
+    rows = tl.arange(0, ROWS)
+    k = _sum_parts(part_ptr, P, ROWS, PARTS)
     eye = rows[:, None] == rows[None, :]
     mean_trace = tl.sum(tl.sum(tl.where(eye, k, 0.0), axis=1), axis=0) / B
     tl.store(trace_ptr, mean_trace)
@@ -229,3 +295,29 @@ def damped_solve(k: torch.Tensor, adv: torch.Tensor, lam: torch.Tensor) -> torch
     out = torch.empty(b, dtype=k.dtype, device=k.device)
     _damped_solve_kernel[(1,)](k.contiguous(), adv.contiguous(), lam.reshape(1), out, b, ROWS=_rows_padded(b))
     return out
+
+
+def non_interacting_weights(g: torch.Tensor | None, overlap_num: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor,
+                            adv: torch.Tensor, exp_norm: float, exp_overlap: float) -> torch.Tensor:
+    """The unregularised non-interacting rule w = A N^exp_norm O^exp_overlap (``weights.non_interacting_weights``
+    with no regularisation: exp_norm = p − r, exp_overlap = q + r) in three kernels: the Gram kernel over g
+    (B, N) for the norms (None: exp_norm = 0, not read), ‖δ_k‖·‖a_k‖ for the sample rows a_k (K, in) and
+    d_k (K, out), and one program for the rest. overlap_num: (B, K) δ_kᵀ G_i a_k. In float32: (B,)."""
+    b, k = overlap_num.shape
+    has_norm, has_overlap = exp_norm != 0 and g is not None, exp_overlap != 0
+    w = torch.empty(b, dtype=torch.float32, device=overlap_num.device)
+    rows = _rows_padded(b)
+    if has_norm:
+        parts = gram_parts(g)
+    else:
+        parts = w  # not read
+    prod = w
+    if has_overlap:
+        prod = torch.empty(k, dtype=torch.float32, device=overlap_num.device)
+        a_k, d_k = a_k.contiguous(), d_k.contiguous()
+        _row_norm_product_kernel[(k,)](a_k, d_k, prod, a_k.shape[1], d_k.shape[1], BLOCK=BLOCK)
+    _non_interacting_kernel[(1,)](parts, parts.shape[0] if has_norm else 0, overlap_num.contiguous(), prod,
+                                  adv.contiguous(), w, b, k, float(exp_norm), float(exp_overlap), HAS_N=has_norm,
+                                  HAS_O=has_overlap, ROWS=rows, PARTS=max(1, 4096 // (rows * rows)),
+                                  KBLOCK=max(16, min(256, 4096 // rows)))
+    return w

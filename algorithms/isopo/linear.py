@@ -18,8 +18,15 @@ import torch.nn.functional as F
 
 from . import kernels
 from .autograd import direct_apply
-from .statistics import choose_strategy, grad_stats, gram_out_dtype_supported, layer_stats, output_chunk
-from .weights import interacting_weights, needs_norm, non_interacting_weights
+from .statistics import (
+    choose_strategy,
+    grad_stats,
+    gram_out_dtype_supported,
+    layer_stats,
+    output_chunk,
+    overlap_numerators,
+)
+from .weights import interacting_weights, needs_norm, non_interacting_weights, unregularised
 
 if TYPE_CHECKING:
     from .batch import MicroBatch, TokenLayout
@@ -237,11 +244,19 @@ def tail_update(
     small kernels on a GPU that ``graphs.py`` replays as one graph."""
     stat_dtype = _stat_dtype(g.dtype)
     recorded: dict[str, torch.Tensor] = {}
-    if a_k is None and cfg.kernels_enabled and stat_dtype == torch.float32 and kernels.usable(g.view(g.shape[0], -1)):
-        # Two kernels from G to the weights (Gram partials; their sum, tr K, λ and the solve in one program):
-        # in a graph, a few nodes instead of the torch path's ~20 — a graph's launch costs the host per node.
-        w, recorded["trK"] = kernels.interacting_weights(g.view(g.shape[0], -1), adv, ema.get("trK"), cfg.c_lambda)
-        return w, weighted_sum(w, g, cfg), recorded
+    flat = g.view(g.shape[0], -1)
+    if cfg.kernels_enabled and stat_dtype == torch.float32 and kernels.usable(flat):
+        # From G to the weights in two Triton kernels (interacting: Gram partials, then their sum, tr K, λ and
+        # the solve in one program) or, for the named settings (no regularisation), the overlap's matmuls and
+        # three: in a graph a handful of nodes instead of the torch path's ~20, and a graph's launch costs the
+        # host per node.
+        if a_k is None:
+            w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
+            return w, weighted_sum(w, g, cfg), recorded
+        if unregularised(cfg):
+            w = kernels.non_interacting_weights(flat, overlap_numerators(g, a_k, d_k), a_k, d_k, adv, cfg.p - cfg.r,
+                                                cfg.q + cfg.r)
+            return w, weighted_sum(w, g, cfg), recorded
     stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg), use_kernels=cfg.kernels_enabled)
     w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
     return w, weighted_sum(w, g, cfg), recorded

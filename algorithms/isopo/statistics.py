@@ -116,13 +116,22 @@ def _block_stats(g, a_col, d_k, stat_dtype, need_norm) -> tuple[torch.Tensor | N
     (K, rows). The norm is a whole pass over G: skipped when the weights do not read it."""
     b = g.shape[0]
     norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=stat_dtype) if need_norm else None
+    return norm, _overlap_num(g, a_col, d_k)
+
+
+def overlap_numerators(g: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor) -> torch.Tensor:
+    """(B, K) δ_kᵀ G_i a_k from the per-sequence gradients g (B, out, in) and the sample rows a_k (K, in),
+    d_k (K, out), in g's dtype."""
+    return _overlap_num(g, a_k.unsqueeze(2), d_k)
+
+
+def _overlap_num(g, a_col, d_k):
     # δ_kᵀ G_i first: (K, out) @ (B, out, in) runs at matmul speed, while G_i a_k then a reduction over
     # `out` of a (B, out, K) product ran at half of it (measured on CPU, every layer shape of `small`).
-    dg = torch.bmm(d_k.expand(b, -1, -1), g)  # (B, K, in)
+    dg = torch.bmm(d_k.expand(g.shape[0], -1, -1), g)  # (B, K, in)
     # Then the dot with a_k for every (i, k): one matmul batched over k, on a strided view of dg (no copy),
     # accumulating in float32 even where dg is bf16, instead of a cast, a product and a sum.
-    overlap_num = torch.bmm(dg.transpose(0, 1), a_col).squeeze(2).t()  # (B, K)
-    return norm, overlap_num
+    return torch.bmm(dg.transpose(0, 1), a_col).squeeze(2).t()  # (B, K)
 
 
 _MM_OUT_DTYPE: dict[tuple[torch.device, torch.dtype], bool] = {}

@@ -96,7 +96,7 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den, 0.0)
 
 
-def _unregularised(cfg: IsopoConfig) -> bool:
+def unregularised(cfg: IsopoConfig) -> bool:
     """Whether the weights are A N^(p−r) O^(q+r): no regularisation, and no q = −r ≠ 0 (whose ratio and
     overlap would cancel to 0^0 where the overlap vanishes)."""
     return cfg.c_n == 0 and cfg.c_o == 0 and cfg.c_r == 0 and (cfg.q + cfg.r != 0 or cfg.q == 0)
@@ -105,7 +105,7 @@ def _unregularised(cfg: IsopoConfig) -> bool:
 def needs_norm(cfg: IsopoConfig) -> bool:
     """Whether the non-interacting weights read N_i at all (not for `overlap`: w = A/O), so that the pass
     over the per-sequence gradients that computes it can be skipped."""
-    if _unregularised(cfg):
+    if unregularised(cfg):
         return cfg.p != cfg.r
     return cfg.p != 0 or cfg.c_n != 0 or cfg.r != 0 or cfg.c_r != 0
 
@@ -126,7 +126,7 @@ def non_interacting_weights(
     a statistic with exponent 0 and no regularisation is skipped, not computed and multiplied in as 1.
     """
     overlap = torch.linalg.vector_norm(overlap_num, dim=1, dtype=overlap_den.dtype) / overlap_den
-    if _unregularised(cfg):
+    if unregularised(cfg):
         # Unregularised: A N^p O^q (O/N)^r = A N^(p−r) O^(q+r), two powers instead of a ratio and three.
         # Where N = 0 (then O = 0) or O = 0, the old form's 0-valued ratio or overlap gave 0·∞ or 0^e
         # just as these powers do: the same weights, 0 after the clean-up below.
