@@ -209,7 +209,7 @@ def _non_interacting_kernel(part_ptr, P, num_ptr, prod_ptr, adv_ptr, out_ptr, B,
             start += KBLOCK
         overlap = tl.sqrt(num_sq) / tl.sqrt(tl.sum(den_sq, axis=0))
         w = w * _power(overlap, EXP_O)
-    finite = w * 0.0 == 0.0  # false for NaN and ±inf
+    finite = tl.abs(w) <= 3.4028234663852886e38  # the largest float32: false for NaN and ±inf
     tl.store(out_ptr + rows, tl.where(finite, w, 0.0).to(out_ptr.dtype.element_ty), mask=rows < B)
 
 
