@@ -426,6 +426,23 @@ def test_installing_and_removing_leaves_forward_unchanged(dtype):
     assert {name: vars(m).get("forward") for name, m in model.named_modules()} == forwards_before
 
 
+def test_under_autocast_the_forward_is_autocasts_own():
+    """bf16 autocast: ISOPO's linear casts its operands itself and leaves autocast on; the logits are bitwise
+    those of the plain model under the same autocast."""
+    model = tiny_qwen3(dtype=torch.float32)
+    b = step_batches(0)[0]
+
+    def logits():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+    before = logits()
+    engine = Isopo(model, IsopoConfig())
+    with engine.installed(), engine.micro_batch(b["seq_ids"], b["advantages"]):
+        during = logits()
+    assert during.dtype == before.dtype and torch.equal(before, during)
+
+
 def test_float32_runs_and_is_close_to_float64():
     model64 = tiny_qwen3()
     model32 = tiny_qwen3(dtype=torch.float32)
