@@ -286,7 +286,8 @@ def test_the_graph_tails_static_gradient_is_copied_unless_autograd_casts_it(monk
     gradient among them. Emulated on the CPU (the tail's results copied into buffers kept per graph, as a
     replay writes them): with G in the weight's dtype the gradient must be copied before the next same-shape
     layer overwrites it; under bf16 autocast autograd's cast to the float32 weight makes the copy as the
-    backward returns. Both give the eager gradients, and leaving the copy out breaks the first."""
+    backward returns. Both give the eager gradients (and EMAs: the recorded statistics are static outputs
+    too, copied as they are recorded), and leaving the gradient's copy out breaks the first."""
     import functools
 
     import algorithms.isopo.linear as linear
@@ -304,7 +305,8 @@ def test_the_graph_tails_static_gradient_is_copied_unless_autograd_casts_it(monk
         return self.outputs
 
     monkeypatch.setattr(TailGraph, "run", replay_like)
-    cfg = IsopoConfig(setting="paper", num_samples=9, strategy="instantiate", cuda_graphs=False)
+    # Regularised, so the statistics recorded for the EMAs are static outputs too: they must be copied as well.
+    cfg = IsopoConfig(setting="paper", c_n=0.5, c_o=0.5, num_samples=9, strategy="instantiate", cuda_graphs=False)
     bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if autocast else None
     model = tiny_qwen3(dtype=torch.float32)
     batches = step_batches(0, SAME_B_STEPS)
@@ -313,14 +315,20 @@ def test_the_graph_tails_static_gradient_is_copied_unless_autograd_casts_it(monk
     def graphed_step():
         engine = Isopo(model, cfg.replace(cuda_graphs=True))
         engine.graphs.capture = False
-        return efficient_step(model, engine, batches, n_tok, autocast=bf16)
+        return efficient_step(model, engine, batches, n_tok, autocast=bf16), engine
 
-    expected = efficient_step(model, Isopo(model, cfg), batches, n_tok, autocast=bf16)
-    assert_rel_close(graphed_step(), expected, tol=1e-6)
+    eager = Isopo(model, cfg)
+    expected = efficient_step(model, eager, batches, n_tok, autocast=bf16)
+    got, graphed = graphed_step()
+    assert_rel_close(got, expected, tol=1e-6)
+    for mine, theirs in zip(graphed.layers, eager.layers):
+        assert mine.ema.value.keys() == theirs.ema.value.keys() == {"N", "O"}
+        for key, value in theirs.ema.value.items():
+            assert torch.allclose(mine.ema.value[key], value, rtol=1e-6, atol=0), (mine.name, key)
     if not autocast:
         real = linear._graphed
         monkeypatch.setattr(linear, "_graphed", lambda graphs, args, kwargs, copy: real(graphs, args, kwargs, False))
-        wrong = graphed_step()
+        wrong, _ = graphed_step()
         assert any(float((wrong[n] - e).norm()) > 1e-3 * float(e.norm()) for n, e in expected.items())
 
 

@@ -111,26 +111,29 @@ def isopo_weight_grad(
             and kwargs["strategy"] == "instantiate" and kwargs["chunk"] is None):
         # Under autocast G is bf16 and the weight float32: autograd casts the returned gradient into a new
         # tensor as the backward returns, so the graph's static output needs no copy of its own.
-        grad_w, recorded = _graphed(graphs, args, kwargs, copy=x.dtype == layer.module._parameters["weight"].dtype)
+        grad_w, recorded, graphed = _graphed(graphs, args, kwargs,
+                                             copy=x.dtype == layer.module._parameters["weight"].dtype)
     else:
-        grad_w, recorded = _eager_or_compiled(cfg, args, kwargs)
+        (grad_w, recorded), graphed = _eager_or_compiled(cfg, args, kwargs), False
     for name, value in recorded.items():
-        layer.ema.record(name, value)
+        layer.ema.record(name, value, static=graphed)
     return grad_w
 
 
 def _graphed(graphs: TailGraphs, args, kwargs, copy: bool):
-    """The graphed update; its gradient is the graph's static output, copied where the caller would keep it."""
+    """(gradient, recorded statistics, whether they are the graph's static outputs): the graphed update, its
+    gradient copied where the caller would keep it, or the eager one where the capture failed."""
     try:
         grad_w, _, recorded = graphed_layer_update(graphs, *args, **kwargs)
         if copy:
             grad_w = grad_w.clone()
+        return grad_w, recorded, True
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any capture failure: the eager function computes the same
         graphs.give_up(e)
         grad_w, _, recorded = layer_update(*args, **kwargs)
-    return grad_w, recorded
+        return grad_w, recorded, False
 
 
 def _eager_or_compiled(cfg: IsopoConfig, args, kwargs):
@@ -211,9 +214,9 @@ def graphed_layer_update(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``layer_update`` for an unchunked `instantiate` layer, its tail (``tail_update``: statistics, weights,
     weighted sum) replayed from ``graphs``: G and the sample rows are written straight into the graph's static
-    inputs. The returned gradient and w are static buffers, valid until the next layer of this shape runs
-    (the caller copies the gradient unless autograd's cast to the weight's dtype does); the recorded
-    statistics are fresh."""
+    inputs. Everything returned is a static buffer, valid until the next layer of this shape runs: the caller
+    copies the gradient unless autograd's cast to the weight's dtype does, and records copies of the
+    statistics (``LayerEma.record(..., static=True)``)."""
     d_in, d_out = x_flat.shape[1], d_flat.shape[1]
     x_flat, d_flat, a3, d3 = padded_operands(x_flat, d_flat, token_mask, pad_index, b, t)
     k = 0 if positions is None else positions.shape[0]
@@ -224,8 +227,8 @@ def graphed_layer_update(
         torch.index_select(d_flat, 0, positions, out=tail.d_k)
     tail.load(adv, ema)
     w, grad_flat, recorded = tail.run(functools.partial(tail_update, cfg=cfg, fp32_gram=fp32_gram), graphs.capture)
-    grad_w = grad_flat.view(d_out, d_in)
-    return grad_w, w, {key: value.clone() for key, value in recorded.items()}
+    # A new view each call: autograd may keep the returned tensor itself as .grad (hence the caller's copy).
+    return grad_flat.view(d_out, d_in), w, recorded
 
 
 def tail_update(

@@ -29,9 +29,13 @@ class LayerEma:
         self._sum: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
 
-    def record(self, key: str, current: torch.Tensor) -> None:
-        current = current.detach()
-        self._sum[key] = self._sum[key] + current if key in self._sum else current
+    def record(self, key: str, current: torch.Tensor, static: bool = False) -> None:
+        """static: ``current`` is a buffer that will be overwritten (a CUDA graph's output), so a copy is kept
+        (the first record copies it, later ones add it into a new sum)."""
+        if key in self._sum:
+            self._sum[key] = self._sum[key] + current.detach()
+        else:
+            self._sum[key] = current.clone() if static else current.detach()
         self._count[key] = self._count.get(key, 0) + 1
 
     def update(self) -> None:
