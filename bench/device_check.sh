@@ -5,7 +5,8 @@
 #      CUDA-graph tails against the eager layers (tests/test_isopo_device.py); the Triton kernels against
 #      float64 and, inside the engine, against the torch path (tests/test_kernels.py);
 #   2. `python -m bench overhead` at Qwen3-0.6B shapes, B=8, T=1024, bf16 autocast, every mode (hooks too),
-#      ISOPO's layer tails as CUDA graphs (the default on CUDA);
+#      ISOPO's layer tails as CUDA graphs (the default on CUDA), and on CUDA isopo_ni:paper and isopo_int
+#      +triton too (the tails from G to the weights as two or three Triton kernels);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
 #      interleaved in one process with the same two ISOPO modes +eager (every layer eager) and +triton (the
 #      Triton kernels), then one profiled step per mode (profile.txt: where the host's and the device's time
@@ -48,11 +49,13 @@ status=0
 stem="$model-$device-B8-T1024"
 three=reinforce,isopo_ni:paper,isopo_int
 switched=$three
+every=reinforce,isopo_ni:paper,isopo_ni:overlap,isopo_ni:rel_overlap,isopo_int,isopo_ni_hooks,isopo_int_hooks
 if [ "$device" = cuda ]; then
     switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+triton,isopo_int+triton
+    every=$every,isopo_ni:paper+triton,isopo_int+triton
 fi
 overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>&1 | tee -a "$out/overhead.log"; }
-overhead --repeats "$repeats" --json "$out/$stem.json" || status=1
+overhead --repeats "$repeats" --modes "$every" --json "$out/$stem.json" || status=1
 overhead --repeats "$repeats" --lm-head response --modes "$switched" --json "$out/$stem-lmhead-response.json" \
     --profile "$out/profile.txt" || status=1
 if [ "${COMPILE:-0}" = 1 ]; then

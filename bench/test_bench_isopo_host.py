@@ -1,0 +1,93 @@
+"""Micro-benchmarks of ISOPO's host cost: what each linear layer adds to the host's work in one update
+step, where the step's arithmetic is negligible — the part of a GPU step that the host, not the device, pays
+(on an H100 with the layer tails as CUDA graphs, ISOPO's steps are host-bound: BENCHMARKS.md).
+
+A stack of LAYERS tiny bias-free nn.Linear layers (B=8 sequences of T=4 tokens, width 32), one forward and
+backward under bf16 autocast (and ``end_step``), timed whole: plain autograd, ISOPO's eager layers, and
+ISOPO's graphed path with the replay's own cost left out — the tails run on a shape's static buffers
+(``TailGraphs(capture=False)``) once, and later calls hand back those outputs as a replay would; a replay's
+launch is a CUDA driver call that only a GPU can time (``cudaGraphLaunch`` in ``bench overhead --profile``).
+Divide the difference to ``plain`` by LAYERS for the host's extra µs per layer. Not part of the default test
+run; run with
+
+    .venv/bin/python -m pytest bench/test_bench_isopo_host.py --benchmark-enable
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from algorithms.isopo import Isopo, IsopoConfig
+from algorithms.isopo.graphs import TailGraph, TailGraphs
+
+LAYERS, B, T, WIDTH = 100, 8, 4, 32
+VARIANTS = {
+    "plain": None,
+    "isopo_ni": IsopoConfig(variant="non_interacting", setting="paper", num_samples=16, strategy="instantiate"),
+    "isopo_int": IsopoConfig(variant="interacting", setting=None, strategy="instantiate"),
+}
+
+
+def _replay_free(self, tail, capture):
+    """TailGraph.run as a replay behaves, minus the launch: the first call runs the tail on the static
+    buffers, later calls return the same outputs."""
+    if self.outputs is None:
+        self.outputs = self._call(tail)
+    return self.outputs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CASES = [("plain", "eager")] + [(variant, path) for variant in ("isopo_ni", "isopo_int") for path in ("eager", "graph")]
+
+
+@pytest.mark.parametrize(("variant", "path"), CASES, ids=[f"{v}-{p}" for v, p in CASES])
+def test_layer_stack_step(benchmark, monkeypatch, variant, path):
+    cfg = VARIANTS[variant]
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(LAYERS)])
+    x = torch.randn(B, T, WIDTH, generator=gen).requires_grad_()
+    seq_ids = torch.arange(B).unsqueeze(1).expand(B, T).contiguous()
+    advantages = torch.randn(B, generator=gen)
+    engine = None
+    if cfg is not None:
+        engine = Isopo(model, cfg.replace(cuda_graphs=path == "graph"))
+        if path == "graph":
+            monkeypatch.setattr(TailGraph, "run", _replay_free)
+            engine.graphs = TailGraphs(capture=False)
+            for layer in engine.layers:
+                layer.graphs = engine.graphs
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        if engine is None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().sum().backward()
+            return
+        with engine.micro_batch(seq_ids, advantages):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().sum().backward()
+        engine.end_step()
+
+    if engine is not None:
+        engine.install()
+    try:
+        benchmark.group = f"host cost, {LAYERS} linear layers"
+        benchmark.extra_info["layers"] = LAYERS
+        benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=3)
+    finally:
+        if engine is not None:
+            engine.remove()
+    assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in model)
+    if path == "graph":
+        assert len(engine.graphs) > 0 and not engine.graphs.failed
