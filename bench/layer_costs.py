@@ -27,7 +27,7 @@ import torch
 
 from algorithms.isopo import IsopoConfig, kernels
 from algorithms.isopo.linear import layer_update
-from algorithms.isopo.statistics import _block_stats, gram_matrix, gram_out_dtype_supported
+from algorithms.isopo.statistics import gram_matrix, gram_out_dtype_supported, overlap_numerators
 from algorithms.isopo.weights import interacting_weights
 
 from .models import preset_config
@@ -122,7 +122,7 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
         "weight_grad": lambda: d.t() @ x,
         "per_seq_grads": lambda: torch.bmm(d3.transpose(1, 2), x3, out=g),
         "norms": lambda: torch.linalg.vector_norm(flat, dim=1, dtype=stat),
-        "overlap": lambda: _block_stats(g, a_k.unsqueeze(2), d_k, stat, need_norm=False),
+        "overlap": lambda: overlap_numerators(g, a_k, d_k),
         "ntk": lambda: gram_matrix(flat, stat, fp32_gram),
         "weighted_sum": lambda: w_g @ flat,
         "interacting_solve": lambda: interacting_weights(ntk, adv, int_cfg, {}, {}),

@@ -76,7 +76,6 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, nee
     d_out = d.shape[-1]
     if chunk is None:
         return grad_stats(torch.bmm(d.transpose(1, 2), a), a_k, d_k, stat_dtype, fp32_gram, need_norm)
-    a_col = None if interacting else a_k.unsqueeze(2)
     n_sq = overlap_num = ntk = None
     for lo in range(0, d_out, chunk):
         hi = min(d_out, lo + chunk)
@@ -85,7 +84,7 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, nee
             part = gram_matrix(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram)
             ntk = part if ntk is None else ntk + part
             continue
-        part_norm, part_o = _block_stats(g, a_col, d_k[:, lo:hi], stat_dtype, need_norm)
+        part_norm, part_o = _block_stats(g, a_k, d_k[:, lo:hi], stat_dtype, need_norm)
         # The blocks' squared norms and overlap numerators add up, in stat_dtype.
         part_o = part_o.to(stat_dtype)
         if need_norm:
@@ -105,33 +104,32 @@ def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | No
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
         ntk = kernels.gram(flat) if by_kernel else gram_matrix(flat, stat_dtype, fp32_gram)
         return LayerStats(norm=None, overlap_num=None, ntk=ntk)
-    norm, overlap_num = _block_stats(g, a_k.unsqueeze(2), d_k, stat_dtype, need_norm and not by_kernel)
+    norm, overlap_num = _block_stats(g, a_k, d_k, stat_dtype, need_norm and not by_kernel)
     if need_norm and by_kernel:
         norm = kernels.gram(flat).diagonal().sqrt()
     return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None)
 
 
-def _block_stats(g, a_col, d_k, stat_dtype, need_norm) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _block_stats(g, a_k, d_k, stat_dtype, need_norm) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(‖G_i‖ over these rows or None, δ_kᵀ G_i a_k over these rows) of a block g (B, rows, in) of G; d_k
     (K, rows). The norm is a whole pass over G: skipped when the weights do not read it."""
     b = g.shape[0]
     norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=stat_dtype) if need_norm else None
-    return norm, _overlap_num(g, a_col, d_k)
+    return norm, overlap_numerators(g, a_k, d_k)
 
 
 def overlap_numerators(g: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor) -> torch.Tensor:
     """(B, K) δ_kᵀ G_i a_k from the per-sequence gradients g (B, out, in) and the sample rows a_k (K, in),
     d_k (K, out), in g's dtype."""
-    return _overlap_num(g, a_k.unsqueeze(2), d_k)
-
-
-def _overlap_num(g, a_col, d_k):
     # δ_kᵀ G_i first: (K, out) @ (B, out, in) runs at matmul speed, while G_i a_k then a reduction over
     # `out` of a (B, out, K) product ran at half of it (measured on CPU, every layer shape of `small`).
     dg = torch.bmm(d_k.expand(g.shape[0], -1, -1), g)  # (B, K, in)
-    # Then the dot with a_k for every (i, k): one matmul batched over k, on a strided view of dg (no copy),
-    # accumulating in float32 even where dg is bf16, instead of a cast, a product and a sum.
-    return torch.bmm(dg.transpose(0, 1), a_col).squeeze(2).t()  # (B, K)
+    if dg.dtype in (torch.float32, torch.float64):
+        # Then the dot with a_k for every (i, k): a product and a sum, 4× faster on a CPU core than the
+        # matmul below (25 → 6 ms a step over `small`'s layers, B=8, T=1024, K=250).
+        return (dg * a_k).sum(-1)
+    # In bf16/fp16: one matmul batched over k, on a strided view of dg (no copy), accumulating in float32.
+    return torch.bmm(dg.transpose(0, 1), a_k.unsqueeze(2)).squeeze(2).t()
 
 
 _MM_OUT_DTYPE: dict[tuple[torch.device, torch.dtype], bool] = {}
