@@ -38,14 +38,6 @@ def _replay_free(self, tail, capture):
     return self.outputs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CASES = [("plain", "eager")] + [(variant, path) for variant in ("isopo_ni", "isopo_int") for path in ("eager", "graph")]
 
 

@@ -36,14 +36,6 @@ class OneLinear(nn.Module):
         return self.proj(x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-{}x{}".format(*s))
 def test_linear_backward(benchmark, shape, variant):

@@ -93,7 +93,7 @@ def test_interacting_weights_from_g_match_float64(device, b):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("b", [1, 5, 8, 16, 33])
+@pytest.mark.parametrize("b", [1, 8, 33])
 @pytest.mark.parametrize(("exp_norm", "exp_overlap"), [(2.0, -3.0), (0.0, -1.0), (2.0, 0.0), (0.0, 0.0), (-1.0, 2.0)])
 def test_non_interacting_weights_match_float64(device, b, exp_norm, exp_overlap):
     """A N^exp_norm O^exp_overlap against float64 torch, the paper's (2, −3), `overlap`'s (0, −1) and
