@@ -250,8 +250,8 @@ def tail_update(
     if cfg.kernels_enabled and stat_dtype == torch.float32 and kernels.usable(flat):
         # From G to the weights in two Triton kernels (interacting: Gram partials, then their sum, tr K, λ and
         # the solve in one program) or, for the named settings (no regularisation), the overlap's matmuls and
-        # three: in a graph a handful of nodes instead of the torch path's ~20, and a graph's launch costs the
-        # host per node.
+        # three: a graph of a handful of nodes instead of the torch path's ~20 tiny kernels (one replay cost
+        # the H100's host 62 µs with those; BENCHMARKS.md, session 9).
         if a_k is None:
             w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
             return w, weighted_sum(w, g, cfg), recorded
