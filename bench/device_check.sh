@@ -24,7 +24,7 @@
 # OUT (eight files, as many as a lent machine sends back; nine with COMPILE=1); exits 1 if any step failed.
 # DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here; step 3 then runs its
 # three plain modes). On an H100 the earlier form of steps 1-5 took 297 s (2026-11-27), plus ~30 s to start
-# the machine; step 6 adds ~60-90 s.
+# the machine; step 6 adds ~60-90 s, and session 9's kernel tests and +triton modes perhaps 60 s more (untimed).
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
 device="${DEVICE:-cuda}"
