@@ -18,7 +18,9 @@
 #      itself out of an 80 GB card; 3 timed rounds) with SCALING_FLAGS (default none; e.g. --no-cuda-graphs),
 #      stopped after SCALING_TIMEOUT s (180); its JSON is rewritten after every point, so it keeps what it has;
 #   6. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes,
-#      eagerly and from CUDA-graph replays (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (120).
+#      eagerly and from CUDA-graph replays (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (120);
+#   7. the host-cost micro-benchmark on this host's CPU (bench/test_bench_isopo_host.py, ~15 s, appended to
+#      overhead.log): how this host's Python compares with the CPU where the host-side work is measured.
 # Usage, from the repository root: bash bench/device_check.sh [OUT]   (default OUT: results/overhead/cuda)
 # Writes machine.txt, device_tests.log, overhead.log, profile.txt, layer-costs.txt and three JSON files into
 # OUT (eight files, as many as a lent machine sends back; nine with COMPILE=1); exits 1 if any step failed.
@@ -69,5 +71,7 @@ timeout "${SCALING_TIMEOUT:-180}" bash -c "set -o pipefail; $(declare -f overhea
     --json $out/scaling-$model-$device-lmhead-response.json" || status=1
 timeout "${LAYER_COSTS_TIMEOUT:-120}" "$py" -m bench layer-costs --device "$device" --model "$model" 2>&1 \
     | tee "$out/layer-costs.txt" || status=1
+timeout 120 "$py" -m pytest -q -p no:cacheprovider bench/test_bench_isopo_host.py --benchmark-enable \
+    --benchmark-columns=min,median 2>&1 | tee -a "$out/overhead.log" || status=1
 
 exit "$status"
