@@ -4,13 +4,14 @@ torch path."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 import pytest
 import torch
 from isopo_fixtures import tiny_qwen3
-from test_isopo import efficient_step, response_tokens, step_batches
+from test_isopo import assert_rel_close, efficient_step, response_tokens, step_batches
 
 from algorithms.isopo import Isopo, IsopoConfig, kernels
 
@@ -165,3 +166,37 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
     assert calls["gram_parts"] > 0 and calls["weighted_sum"] > 0
     assert (calls["interacting_weights"] > 0) == (variant == "interacting")
     assert (calls["non_interacting_weights"] > 0) == (variant == "non_interacting")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["non_interacting", "interacting"])
+def test_the_fused_tails_in_graphs_under_bf16_autocast_match_the_torch_path(device, variant, monkeypatch):
+    """The benchmark's CUDA path: bf16 autocast, the layer tails captured as graphs, from G to the weights in
+    the Triton kernels, against the eager torch path (cuBLAS, cuSOLVER). The torch path rounds the weights to
+    bf16 before its weighted sum, the kernel sums in float32: they agree to bf16's precision. On a CPU the
+    kernels are not admitted for bf16 (the interpreter has none), so there the graph path's torch tail runs."""
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
+    calls = {"n": 0}
+    for name in ("interacting_weights", "non_interacting_weights"):
+        real = getattr(kernels, name)
+
+        def counted(*args, _real=real):
+            calls["n"] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
+                      strategy="instantiate", triton_kernels=True)
+    model = tiny_qwen3(dtype=torch.float32).to(device)
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in step_batches(0)]
+    n_tok = response_tokens(batches)
+    bf16 = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+    expected = efficient_step(model, Isopo(model, cfg.replace(triton_kernels=False, cuda_graphs=False)), batches,
+                              n_tok, autocast=bf16)
+    graphed = Isopo(model, cfg.replace(cuda_graphs=True))
+    graphed.graphs.capture = device == "cuda"
+    assert_rel_close(efficient_step(model, graphed, batches, n_tok, autocast=bf16), expected, tol=1e-2)
+    assert not graphed.graphs.failed
+    assert (calls["n"] > 0) == (device == "cuda")
+
