@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
+import pytest
+import torch
+
+from algorithms.isopo import kernels
 from bench.__main__ import main
-from bench.layer_costs import PIECES, Options, format_table, linear_shapes, measure
+from bench.layer_costs import (
+    KERNEL_PIECES,
+    PIECES,
+    Options,
+    format_table,
+    layer_pieces,
+    linear_shapes,
+    measure,
+)
 from bench.models import preset_config
 
 
@@ -84,3 +96,22 @@ def test_a_failing_piece_is_reported_and_the_rest_measured(monkeypatch, capsys):
     assert all(u != u for u in timing["us"]["ntk"])  # NaN
     assert all(u > 0 for u in timing["us"]["weighted_sum"])
     assert "warning: ntk (eager) failed: RuntimeError: no kernel image for this device" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2", "ignore:invalid value encountered in multiply")
+def test_the_kernel_pieces_run_where_the_kernels_are_usable(monkeypatch):
+    """The Triton pieces appear only where ``kernels.usable`` admits G (CUDA); each runs. Without a GPU the
+    kernels are admitted for CPU tensors and interpreted (tests/conftest.py sets TRITON_INTERPRET)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = Options(device="cpu", model="tiny", batch=4, seq_len=8, num_samples=5, repeats=1, warmup=0)
+    assert not set(KERNEL_PIECES) & set(layer_pieces(16, 8, opts, torch.float32))
+    opts = dataclasses.replace(opts, device=device)
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "usable", lambda g: g.dtype == torch.float32 and g.shape[0] <= 64)
+    pieces = layer_pieces(16, 8, opts, torch.float32)
+    assert set(KERNEL_PIECES) <= set(pieces)
+    for name in KERNEL_PIECES:
+        out = pieces[name]()
+        first = out[0] if isinstance(out, tuple) else out
+        assert torch.isfinite(first).all(), name
+
