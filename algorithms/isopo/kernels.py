@@ -297,14 +297,14 @@ def damped_solve(k: torch.Tensor, adv: torch.Tensor, lam: torch.Tensor) -> torch
     return out
 
 
-def non_interacting_weights(g: torch.Tensor | None, overlap_num: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor,
+def non_interacting_weights(g: torch.Tensor, overlap_num: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor,
                             adv: torch.Tensor, exp_norm: float, exp_overlap: float) -> torch.Tensor:
     """The unregularised non-interacting rule w = A N^exp_norm O^exp_overlap (``weights.non_interacting_weights``
     with no regularisation: exp_norm = p − r, exp_overlap = q + r) in three kernels: the Gram kernel over g
-    (B, N) for the norms (None: exp_norm = 0, not read), ‖δ_k‖·‖a_k‖ for the sample rows a_k (K, in) and
+    (B, N) for the norms (not read where exp_norm = 0), ‖δ_k‖·‖a_k‖ for the sample rows a_k (K, in) and
     d_k (K, out), and one program for the rest. overlap_num: (B, K) δ_kᵀ G_i a_k. In float32: (B,)."""
     b, k = overlap_num.shape
-    has_norm, has_overlap = exp_norm != 0 and g is not None, exp_overlap != 0
+    has_norm, has_overlap = exp_norm != 0, exp_overlap != 0
     w = torch.empty(b, dtype=torch.float32, device=overlap_num.device)
     rows = _rows_padded(b)
     if has_norm:

@@ -247,20 +247,20 @@ def tail_update(
     stat_dtype = _stat_dtype(g.dtype)
     recorded: dict[str, torch.Tensor] = {}
     flat = g.view(g.shape[0], -1)
-    if cfg.kernels_enabled and stat_dtype == torch.float32 and kernels.usable(flat):
-        # From G to the weights in two Triton kernels (interacting: Gram partials, then their sum, tr K, λ and
-        # the solve in one program) or, for the named settings (no regularisation), the overlap's matmuls and
-        # three: a graph of a handful of nodes instead of the torch path's ~20 tiny kernels (one replay cost
-        # the H100's host 62 µs with those; BENCHMARKS.md, session 9).
-        if a_k is None:
-            w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
-            return w, weighted_sum(w, g, cfg), recorded
-        if unregularised(cfg):
-            w = kernels.non_interacting_weights(flat, overlap_numerators(g, a_k, d_k), a_k, d_k, adv, cfg.p - cfg.r,
-                                                cfg.q + cfg.r)
-            return w, weighted_sum(w, g, cfg), recorded
-    stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg), use_kernels=cfg.kernels_enabled)
-    w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
+    # With the kernels, from G to the weights in two Triton kernels (interacting: Gram partials, then their
+    # sum, tr K, λ and the solve in one program) or, for the named settings (no regularisation), the overlap's
+    # matmuls and three: a graph of a handful of nodes instead of the torch path's ~20 tiny kernels (one
+    # replay cost the H100's host 62 µs with those; BENCHMARKS.md, session 9).
+    fused = cfg.kernels_enabled and stat_dtype == torch.float32 and kernels.usable(flat)
+    if fused and a_k is None:
+        w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
+    elif fused and unregularised(cfg):
+        w = kernels.non_interacting_weights(flat, overlap_numerators(g, a_k, d_k), a_k, d_k, adv, cfg.p - cfg.r,
+                                            cfg.q + cfg.r)
+    else:
+        stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg),
+                           use_kernels=cfg.kernels_enabled)
+        w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
     return w, weighted_sum(w, g, cfg), recorded
 
 

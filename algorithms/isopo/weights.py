@@ -19,7 +19,7 @@ from .config import IsopoConfig
 class LayerEma:
     """EMAs of one layer's squared statistics, updated once per optimizer step.
 
-    Within a step every micro-batch records its current value; `update` folds their mean into the EMA.
+    Within a step every micro-batch records its current value; `update_emas` folds their mean into the EMA.
     Before the first update a read returns the current micro-batch's value, as the specification says.
     """
 
@@ -38,12 +38,9 @@ class LayerEma:
             self._sum[key] = current.clone() if static else current.detach()
         self._count[key] = self._count.get(key, 0) + 1
 
-    def update(self) -> None:
-        update_emas([self])
-
 
 def update_emas(emas: Iterable[LayerEma]) -> None:
-    """``LayerEma.update`` for many layers at once: the same arithmetic (mean = sum / count, then
+    """Every layer's EMA update, once per optimizer step, at once: the same arithmetic (mean = sum / count, then
     decay·old + (1 − decay)·mean) as a few multi-tensor operations over every layer's statistics, instead of
     three or four one-element operations per layer and statistic — on a GPU each of those is a kernel launch,
     ~200 layers' worth of host time at the end of every step."""
