@@ -9,7 +9,8 @@ import pandas as pd
 
 BASE_MODE = "reinforce"
 COLUMNS = ["group", "device", "date", "source", "model", "batch", "seq_len", "lm_head", "compile", "cuda_graphs", "triton_kernels", "mode",
-           "median_s", "min_s", "max_s", "host_s", "time_ratio", "paired_ratio", "peak_mib", "mem_ratio"]
+           "median_s", "min_s", "max_s", "host_s", "time_ratio", "paired_ratio", "paired_lo", "paired_hi", "peak_mib",
+           "mem_ratio"]
 SCALING_COLUMNS = ["group", "device", "date", "source", "model", "lm_head", "compile", "cuda_graphs", "triton_kernels", "fixed_batch",
                    "fixed_seq_len",
                    "batch", "seq_len", "mode", "median_s", "time_ratio", "paired_ratio", "mem_ratio"]
@@ -20,6 +21,7 @@ def overhead_table(docs: list[dict]) -> pd.DataFrame:
 
     ``host_s`` is the median time until the host had issued the step (NaN in files from before it was
     measured): on CUDA, host_s close to median_s means launching kernels, not running them, set the pace.
+    ``paired_lo`` / ``paired_hi``: the paired ratio's 95 % CI (NaN in older files and below 6 rounds).
     A ratio missing from the JSON is recomputed from the file's reinforce entry (NaN without one).
     ``group`` labels one device/config (one file) for grouping bars.
     """
@@ -35,7 +37,7 @@ def overhead_table(docs: list[dict]) -> pd.DataFrame:
             rows.append({**facts, **shape, "mode": mode, "median_s": float(res["median_s"]),
                          "min_s": float(res["min_s"]), "max_s": float(res["max_s"]),
                          "host_s": float(res.get("host_median_s", np.nan)),
-                         "peak_mib": float(res["peak_mib"]), **_ratios(res, results)})
+                         "peak_mib": float(res["peak_mib"]), **_ratios(res, results), **_paired_ci(res)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -86,6 +88,12 @@ def _ratios(res: dict, results: dict) -> dict:
         "paired_ratio": float(res.get("paired_ratio_median", np.nan)),
         "mem_ratio": _ratio(res, base, "peak_ratio_vs_reinforce", "peak_mib"),
     }
+
+
+def _paired_ci(res: dict) -> dict:
+    ci = res.get("paired_ratio_ci95")
+    lo, hi = (ci if isinstance(ci, list) and len(ci) == 2 else (np.nan, np.nan))
+    return {"paired_lo": float(lo), "paired_hi": float(hi)}
 
 
 def _ratio(res: dict, base: dict, key: str, raw: str) -> float:

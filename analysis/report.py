@@ -210,7 +210,8 @@ def _render(sweep_dir, metrics, runs, config, tables, figures, tex_missing, marg
                 "replayed their tails as CUDA graphs): "
                 "median/min/max seconds per update, host_s (median seconds until the host had issued the "
                 "step; on a GPU, close to median_s means the host's kernel launches set the pace) and peak "
-                "memory (MiB), with ratios to reinforce measured in the same file.")
+                "memory (MiB), with ratios to reinforce measured in the same file; paired_lo/paired_hi bound "
+                "the paired ratio (median of the rounds' own ratios) with 95 % confidence.")
         figure("overhead", "Time and peak memory relative to reinforce (dashed line: parity)")
     if "overhead_scaling" in tables:
         section("Overhead scaling", "overhead_scaling",

@@ -1,4 +1,5 @@
-"""Accuracy statistics: per-run summaries, per-algorithm aggregates, bootstrap CIs and paired tests.
+"""Accuracy statistics: per-run summaries, per-algorithm aggregates, bootstrap CIs and paired tests; and
+a distribution-free CI for a median (the overhead benchmark's per-round ratios).
 
 Pure functions over arrays and DataFrames; nothing here reads files or draws.
 """
@@ -86,6 +87,18 @@ def percentile_ci(replicates: np.ndarray, confidence: float = 0.95) -> tuple[flo
     alpha = 1.0 - confidence
     lo, hi = np.percentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
+
+
+def median_ci(x: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of ``x``: two order statistics of the sample,
+    chosen by the binomial distribution (``scipy.stats.quantile_test``), so it needs no resampling and no
+    assumption about the spread. (nan, nan) when ``x`` is too short for the confidence asked (fewer than 6
+    values at 95 %)."""
+    x = np.asarray(x, dtype=float)
+    if x.size == 0:
+        return np.nan, np.nan
+    ci = sps.quantile_test(x, q=float(np.median(x)), p=0.5).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
 
 
 def iqm_ci(

@@ -25,7 +25,8 @@ drift (thermal, a neighbour's load) hits all modes alike. Each timed step is bra
 rounds and before the memory steps); installing and removing ISOPO or the hooks and zeroing the gradients
 are outside the timing, ISOPO's per-micro-batch bookkeeping (``Isopo.micro_batch``, ``end_step``) is inside.
 Reported: median, min and max seconds, the ratio of medians to reinforce, and the median over rounds of
-each round's own ratio (``paired``; robust to drift in the machine's speed during the run), and the median
+each round's own ratio (``paired``; robust to drift in the machine's speed during the run) with its 95 %
+confidence interval (distribution-free: two order statistics of the rounds' ratios), and the median
 time until the host had issued the whole step (``host_s``): on CUDA, a ``host_s`` close to the step's time
 means the host's launches, not the device, set the pace. On CPU the heap policy
 (``--malloc``) defaults to ``retain``: glibc keeps freed blocks instead of unmapping them, as PyTorch's
@@ -52,6 +53,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -592,12 +594,22 @@ def measure(modes: list[Mode], batch: Batch, device: str, repeats: int, warmup: 
             "max_s": max(times[mode.name]),
             "ratio_vs_reinforce": med / base_t,
             "paired_ratio_median": statistics.median(paired),
+            "paired_ratio_ci95": _median_ci(paired),
             "host_median_s": statistics.median(host[mode.name]),
             "peak_mib": memory[mode.name][0],
             "peak_ratio_vs_reinforce": memory[mode.name][0] / base_m,
             "_step_mib": memory[mode.name][1],
         }
     return results
+
+
+def _median_ci(values: list[float]) -> list[float] | None:
+    """The paired ratio's 95 % confidence interval (distribution-free, ``analysis.stats.median_ci``): what a
+    target such as "≤ 1.05×" should be read against on a noisy machine. None below 6 rounds."""
+    from analysis.stats import median_ci
+
+    lo, hi = median_ci(values)
+    return None if math.isnan(lo) else [lo, hi]
 
 
 def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows: int = 25) -> None:
@@ -699,13 +711,13 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    header = ("mode", "median_s", "min_s", "max_s", "host_s", "ratio", "paired", "peak_MiB", "peak_ratio",
-              "step_MiB")
+    header = ("mode", "median_s", "min_s", "max_s", "host_s", "ratio", "paired", "paired_95%CI", "peak_MiB",
+              "peak_ratio", "step_MiB")
     rows = [header]
     for mode, r in results.items():
         rows.append((mode, f"{r['median_s']:.4f}", f"{r['min_s']:.4f}", f"{r['max_s']:.4f}",
                      f"{r['host_median_s']:.4f}", f"{r['ratio_vs_reinforce']:.3f}", f"{r['paired_ratio_median']:.3f}",
-                     f"{r['peak_mib']:.1f}",
+                     _format_ci(r.get("paired_ratio_ci95")), f"{r['peak_mib']:.1f}",
                      f"{r['peak_ratio_vs_reinforce']:.3f}",
                      f"{r.get('_step_mib', float('nan')):.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -713,6 +725,10 @@ def format_table(results: dict[str, dict]) -> str:
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
         for row in rows
     )
+
+
+def _format_ci(ci: list[float] | None) -> str:
+    return "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
 def format_scaling(modes: list[str], key: str, fixed: str, values: list[tuple[int, dict | None]]) -> str:

@@ -167,6 +167,14 @@ def test_overhead_table_derives_missing_ratios():
     assert table.loc["isopo_ni", "time_ratio"] == pytest.approx(1.5)
     assert table.loc["isopo_ni_hooks", "mem_ratio"] == pytest.approx(1.8)
     assert set(table["device"]) == {"cpu"} and set(table["date"]) == {"2025-06-01"}
+    assert table["paired_lo"].isna().all()  # a file without the CI
+
+
+def test_overhead_table_reads_the_paired_ratio_ci():
+    doc = overhead_doc("cpu", 1.07)
+    doc["results"]["isopo_ni"].update(paired_ratio_median=1.07, paired_ratio_ci95=[1.05, 1.09])
+    row = overhead_table([{**doc, "source": "x.json"}]).set_index("mode").loc["isopo_ni"]
+    assert (row["paired_ratio"], row["paired_lo"], row["paired_hi"]) == (1.07, 1.05, 1.09)
 
 
 def test_overhead_table_names_each_files_shape_and_lm_head():

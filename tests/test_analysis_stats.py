@@ -10,6 +10,7 @@ from analysis.stats import (
     curve_summary,
     iqm,
     iqm_ci,
+    median_ci,
     paired_test,
     poi_ci,
     probability_of_improvement,
@@ -174,3 +175,21 @@ def test_compare_uses_only_present_baselines_and_no_reverse_duplicates():
 def test_poi_ci_brackets_estimate():
     p, lo, hi = poi_ci([0.6, 0.7, 0.5, 0.65], [0.5, 0.55, 0.6, 0.4], n_boot=500)
     assert lo <= p <= hi and 0 <= lo and hi <= 1
+
+
+@pytest.mark.parametrize(("n", "ranks"), [(6, (1, 6)), (15, (4, 12)), (20, (6, 15)), (30, (10, 21))])
+def test_median_ci_is_the_textbook_pair_of_order_statistics(n, ranks):
+    x = np.random.default_rng(n).permutation(np.arange(1.0, n + 1.0))  # value = rank
+    assert median_ci(x) == ranks
+    # Its coverage, from the binomial distribution directly: the median lies between the two order
+    # statistics unless fewer than `lo` or more than `hi - 1` values fall below it.
+    lo, hi = ranks
+    coverage = sps.binom.cdf(hi - 1, n, 0.5) - sps.binom.cdf(lo - 1, n, 0.5)
+    assert coverage >= 0.95
+    narrower = sps.binom.cdf(hi - 2, n, 0.5) - sps.binom.cdf(lo, n, 0.5)
+    assert narrower < 0.95
+
+
+def test_median_ci_too_few_values_is_nan():
+    assert all(np.isnan(median_ci([1.0, 2.0, 3.0, 4.0, 5.0])))
+    assert all(np.isnan(median_ci([])))

@@ -18,7 +18,7 @@ from isopo_fixtures import make_batch, masked_sum, tiny_qwen3, token_log_probs
 from algorithms.isopo import Isopo, IsopoConfig
 from bench.__main__ import main
 from bench.hooks_baseline import HooksIsopo
-from bench.overhead import MODES, SCALING_MODES, Mode, Options, PeakRss, build, set_malloc_policy
+from bench.overhead import MODES, SCALING_MODES, Mode, Options, PeakRss, _median_ci, build, set_malloc_policy
 from bench.overhead import _heap as overhead_heap
 from bench.overhead import make_batch as overhead_batch
 
@@ -28,7 +28,8 @@ CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "mal
                "repeats", "warmup", "num_samples", "chunk_mib", "compile", "strategy", "cuda_graphs", "triton_kernels",
                "optimizer",
                "torch_version"}
-RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "host_median_s", "peak_mib",
+RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "paired_ratio_ci95",
+               "host_median_s", "peak_mib",
                "peak_ratio_vs_reinforce"}
 
 
@@ -46,8 +47,17 @@ def check_results(results: dict, modes) -> None:
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"], mode
         assert r["ratio_vs_reinforce"] > 0 and r["peak_mib"] > 0 and r["peak_ratio_vs_reinforce"] > 0, mode
         assert 0 < r["host_median_s"] <= r["median_s"], mode  # issuing the step cannot outlast the step
+        ci = r["paired_ratio_ci95"]
+        assert ci is None or ci[0] <= r["paired_ratio_median"] <= ci[1], mode
     assert results["reinforce"]["ratio_vs_reinforce"] == 1.0 and results["reinforce"]["paired_ratio_median"] == 1.0
     assert results["reinforce"]["peak_ratio_vs_reinforce"] == 1.0
+
+
+def test_paired_ratio_ci_is_a_json_pair_or_none():
+    ratios = [1.0 + 0.01 * i for i in (3, 9, 1, 7, 5, 0, 8, 2, 6, 4, 10, 14, 12, 11, 13)]
+    ci = _median_ci(ratios)
+    assert ci == [pytest.approx(1.03), pytest.approx(1.11)] and json.loads(json.dumps(ci)) == ci
+    assert _median_ci(ratios[:5]) is None
 
 
 def test_cli_writes_json_of_the_exact_schema_with_every_mode(tmp_path):
