@@ -11,11 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.container import ErrorbarContainer
 
 from analysis import ResultsError
 from analysis.__main__ import main
 from analysis.load import METRIC_COLUMNS, config_facts, load_overhead, load_sweep
 from analysis.overhead import overhead_table, scaling_table
+from analysis.palette import algorithm_colors
+from analysis.plots import plot_overhead
 from analysis.report import write_report
 from analysis.stats import run_accuracy
 from analysis.synthetic import runs_from_metrics, synthetic_metrics, write_sweep
@@ -170,11 +173,17 @@ def test_overhead_table_derives_missing_ratios():
     assert table["paired_lo"].isna().all()  # a file without the CI
 
 
-def test_overhead_table_reads_the_paired_ratio_ci():
+def test_overhead_table_and_plot_show_the_paired_ratio_ci():
     doc = overhead_doc("cpu", 1.07)
     doc["results"]["isopo_ni"].update(paired_ratio_median=1.07, paired_ratio_ci95=[1.05, 1.09])
-    row = overhead_table([{**doc, "source": "x.json"}]).set_index("mode").loc["isopo_ni"]
+    table = overhead_table([{**doc, "source": "x.json"}])
+    row = table.set_index("mode").loc["isopo_ni"]
     assert (row["paired_ratio"], row["paired_lo"], row["paired_hi"]) == (1.07, 1.05, 1.09)
+    fig = plot_overhead(table, algorithm_colors(table["mode"].str.removesuffix("_hooks")))
+    whiskers = [c for ax in fig.axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(whiskers) == 1  # one mode of three has a CI
+    (segment,) = whiskers[0].lines[2][0].get_segments()
+    assert segment[:, 1].tolist() == pytest.approx([1.05, 1.09])
 
 
 def test_overhead_table_names_each_files_shape_and_lm_head():
