@@ -13,14 +13,16 @@
 #      goes);
 #   4. only with COMPILE=1: step 3's three modes with --compile (two warm-up rounds, which compile), stopped
 #      after COMPILE_TIMEOUT s (150);
-#   5. the scaling sweep of reinforce / isopo_ni:paper / isopo_int (SCALING_T at B=SCALING_AT_B, default
+#   5. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes,
+#      eagerly and from CUDA-graph replays (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (120);
+#   6. the host-cost micro-benchmark on this host's CPU (bench/test_bench_isopo_host.py, ~15 s, appended to
+#      overhead.log): how this host's Python compares with the CPU where the host-side work is measured;
+#   7. the scaling sweep of reinforce / isopo_ni:paper / isopo_int (SCALING_T at B=SCALING_AT_B, default
 #      256..4096 at B=4; SCALING_B at T=SCALING_AT_T, default 4..32 at T=512: B=8 × T=4096 runs REINFORCE
 #      itself out of an 80 GB card; 3 timed rounds) with SCALING_FLAGS (default none; e.g. --no-cuda-graphs),
-#      stopped after SCALING_TIMEOUT s (180); its JSON is rewritten after every point, so it keeps what it has;
-#   6. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes,
-#      eagerly and from CUDA-graph replays (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (120);
-#   7. the host-cost micro-benchmark on this host's CPU (bench/test_bench_isopo_host.py, ~15 s, appended to
-#      overhead.log): how this host's Python compares with the CPU where the host-side work is measured.
+#      stopped after SCALING_TIMEOUT s (180); its JSON is rewritten after every point, so it keeps what it has.
+# Steps 5-7 are also stopped when the call has run BUDGET_S seconds (560), so that it ends inside the lent
+# machine's 600 s per command with every file written; machine.txt ends with the call's seconds.
 # Usage, from the repository root: bash bench/device_check.sh [OUT]   (default OUT: results/overhead/cuda)
 # Writes machine.txt, device_tests.log, overhead.log, profile.txt, layer-costs.txt and three JSON files into
 # OUT (eight files, as many as a lent machine sends back; nine with COMPILE=1); exits 1 if any step failed.
@@ -36,6 +38,11 @@ py="${PYTHON:-python3}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
+started=$(date +%s)
+budget="${BUDGET_S:-560}"
+# A step's timeout: its own cap, or what is left of the budget (at least 1 s: `timeout 0` would not stop it),
+# so that the whole call ends inside the lent machine's 600 s per command and every file comes back.
+cap() { local left=$(( budget - ($(date +%s) - started) )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 
 {
     date -u +%Y-%m-%dT%H:%M:%SZ
@@ -61,17 +68,20 @@ overhead --repeats "$repeats" --modes "$every" --json "$out/$stem.json" || statu
 overhead --repeats "$repeats" --lm-head response --modes "$switched" --json "$out/$stem-lmhead-response.json" \
     --profile "$out/profile.txt" || status=1
 if [ "${COMPILE:-0}" = 1 ]; then
-    timeout "${COMPILE_TIMEOUT:-150}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
+    timeout "$(cap "${COMPILE_TIMEOUT:-150}")" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
         overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --compile \
         --json $out/$stem-lmhead-response-compile.json" || status=1
 fi
-timeout "${SCALING_TIMEOUT:-180}" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
+# The rest is capped by what is left of BUDGET_S, in the order of what the next decision needs most: the
+# pieces' GPU times, this host's Python, then the scaling sweep (which keeps the points it finished).
+timeout "$(cap "${LAYER_COSTS_TIMEOUT:-120}")" "$py" -m bench layer-costs --device "$device" --model "$model" 2>&1 \
+    | tee "$out/layer-costs.txt" || status=1
+timeout "$(cap 120)" "$py" -m pytest -q -p no:cacheprovider bench/test_bench_isopo_host.py --benchmark-enable \
+    --benchmark-columns=min,median 2>&1 | tee -a "$out/overhead.log" || status=1
+timeout "$(cap "${SCALING_TIMEOUT:-180}")" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
     overhead --repeats 3 --lm-head response --scaling --batch ${SCALING_AT_B:-4} --seq-len ${SCALING_AT_T:-512} \
     --scaling-T ${SCALING_T:-256,512,1024,2048,4096} --scaling-B ${SCALING_B:-4,8,16,32} ${SCALING_FLAGS:-} \
     --json $out/scaling-$model-$device-lmhead-response.json" || status=1
-timeout "${LAYER_COSTS_TIMEOUT:-120}" "$py" -m bench layer-costs --device "$device" --model "$model" 2>&1 \
-    | tee "$out/layer-costs.txt" || status=1
-timeout 120 "$py" -m pytest -q -p no:cacheprovider bench/test_bench_isopo_host.py --benchmark-enable \
-    --benchmark-columns=min,median 2>&1 | tee -a "$out/overhead.log" || status=1
+echo "device_check: $(( $(date +%s) - started )) s" | tee -a "$out/machine.txt"
 
 exit "$status"
