@@ -27,8 +27,9 @@
 # Writes machine.txt, device_tests.log, overhead.log, profile.txt, layer-costs.txt and three JSON files into
 # OUT (eight files, as many as a lent machine sends back; nine with COMPILE=1); exits 1 if any step failed.
 # DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here; step 3 then runs its
-# three plain modes). On an H100 the earlier form of steps 1-5 took 297 s (2026-11-27), plus ~30 s to start
-# the machine; step 6 adds ~60-90 s, and session 9's kernel tests and +triton modes perhaps 60 s more (untimed).
+# three plain modes). On an H100 the earlier form of steps 1-3 and 7 took 297 s (2026-11-27), plus ~30 s to
+# start the machine; layer-costs adds ~60-90 s, and session 9's kernel tests and +triton modes perhaps 60 s
+# more (untimed); a CPU dry run (DEVICE=cpu MODEL=tiny REPEATS=2 BUDGET_S=240) stops at 240 s with 8 files.
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
 device="${DEVICE:-cuda}"
