@@ -5,7 +5,7 @@ On a GPU the tail (statistics from the per-sequence gradients G, weights, the we
 ~200 layers per backward, set the pace of an eager ISOPO step (BENCHMARKS.md). Captured once per shape,
 the tail is one graph launch: G is written by the eager per-sequence-gradient matmul straight into the
 graph's static input (``out=``), the sample rows likewise, and the weighted gradient is the graph's static
-output, so nothing large is copied in (and out only where autograd would keep it: ``linear._graphed``).
+output, so nothing large is copied in (and out only where autograd would keep it: ``linear._graph_step``).
 
 A ``TailGraph`` holds one capture: its shape's static inputs (``StaticInputs``, held once per shape), the
 graph and its outputs. Layers of the same shape share it (the static buffers are overwritten by the next such
@@ -54,7 +54,8 @@ class TailGraph:
     """One capture: the shape's static inputs, this EMA key set's static EMAs, and once captured the graph
     and its outputs."""
 
-    def __init__(self, inputs: StaticInputs, ema_keys: tuple[str, ...], stat_dtype: torch.dtype):
+    def __init__(self, key: tuple, inputs: StaticInputs, ema_keys: tuple[str, ...], stat_dtype: torch.dtype):
+        self.key = key
         self.inputs = inputs
         self.ema = {key: torch.empty((), dtype=stat_dtype, device=inputs.g.device) for key in ema_keys}
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -134,12 +135,20 @@ class TailGraphs:
         inputs = self._inputs.get(shape)
         if inputs is None:
             inputs = self._inputs[shape] = StaticInputs(b, d_in, d_out, k, dtype, device, adv.dtype)
-        graph = self._graphs[key] = TailGraph(inputs, key[1], stat_dtype)
+        graph = self._graphs[key] = TailGraph(key, inputs, key[1], stat_dtype)
         while len(self._graphs) > self.kept:
             (old_shape, _), _ = self._graphs.popitem(last=False)
             if all(s != old_shape for s, _ in self._graphs):
                 del self._inputs[old_shape]
         return graph
+
+    def touch(self, graph: TailGraph) -> bool:
+        """Whether ``graph`` is still held (it counts as just used if so): a layer that kept the graph it
+        used last time checks it thus, instead of looking it up by shape again."""
+        if self._graphs.get(graph.key) is not graph:
+            return False
+        self._graphs.move_to_end(graph.key)
+        return True
 
     def give_up(self, error: Exception) -> None:
         """A capture failed: this engine's layers run eagerly from now on."""

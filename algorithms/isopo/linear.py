@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .batch import MicroBatch, TokenLayout
     from .config import IsopoConfig
     from .engine import LinearLayer
-    from .graphs import TailGraphs
+    from .graphs import TailGraph, TailGraphs
 
 
 class IsopoLinearFunction(torch.autograd.Function):
@@ -88,52 +88,106 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def isopo_weight_grad(
     x: torch.Tensor, d: torch.Tensor, layer: LinearLayer, mb: MicroBatch, layout: TokenLayout
 ) -> torch.Tensor:
-    """The host's part: pick the strategy and chunking, hand plain tensors to ``layer_update``, then fold
-    the statistics it recorded into the layer's EMAs."""
+    """The host's part: pick the strategy and chunking (once per shape: ``LayerPlan``), hand plain tensors to
+    ``layer_update`` or the layer's graphed tail, then fold the statistics recorded into the layer's EMAs."""
     cfg = layer.cfg
-    d_in, d_out = x.shape[-1], d.shape[-1]
     b, t = mb.num_seqs, layout.seq_len_max
     positions = None if cfg.variant == "interacting" else layout.samples[layer.index]
-    k = 0 if positions is None else positions.shape[0]
-    key = (b, t, k, x.dtype, x.device)
-    kwargs = layer.plans.get(key)
-    if kwargs is None:  # decided once per shape: the host's time per layer is what a GPU backward waits on
-        strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, positions is None)
-        chunk = output_chunk(cfg.chunk_bytes, x.element_size(), b, d_in, d_out)
-        kwargs = layer.plans[key] = dict(cfg=cfg, b=b, t=t, strategy=strategy, chunk=chunk,
-                                         fp32_gram=gram_out_dtype_supported(x))
-    args = (x.reshape(-1, d_in), d.reshape(-1, d_out), positions, mb.advantages, layer.ema.value,
-            layout.token_mask if layout.has_padding else None, layout.pad_index, layout.token_seq)
+    key = (b, t, 0 if positions is None else positions.shape[0], x.dtype, x.device)
+    plan = layer.plans.get(key)
+    if plan is None:  # decided once per shape: the host's time per layer is what a GPU backward waits on
+        plan = layer.plans[key] = LayerPlan(layer, x, d, b, t, positions)
     graphs = layer.graphs
     # Only layers on the main layout: a view's sample (the positions inside it) changes size from one
     # micro-batch to the next, and every new size would be a new capture.
-    if (graphs is not None and not graphs.failed and (x.is_cuda or not graphs.capture) and layout is mb.main
-            and kwargs["strategy"] == "instantiate" and kwargs["chunk"] is None):
-        # Under autocast G is bf16 and the weight float32: autograd casts the returned gradient into a new
-        # tensor as the backward returns, so the graph's static output needs no copy of its own.
-        grad_w, recorded, graphed = _graphed(graphs, args, kwargs,
-                                             copy=x.dtype == layer.module._parameters["weight"].dtype)
-    else:
-        (grad_w, recorded), graphed = _eager_or_compiled(cfg, args, kwargs), False
+    if plan.graphable and layout is mb.main and not graphs.failed and (x.is_cuda or not graphs.capture):
+        return _graph_step(plan, graphs, layer, x, d, positions, mb.advantages, layout)
+    grad_w, recorded = _eager_or_compiled(cfg, _update_args(x, d, positions, mb.advantages, layout, layer),
+                                          plan.kwargs)
     for name, value in recorded.items():
-        layer.ema.record(name, value, static=graphed)
+        layer.ema.record(name, value)
     return grad_w
 
 
-def _graphed(graphs: TailGraphs, args, kwargs, copy: bool):
-    """(gradient, recorded statistics, whether they are the graph's static outputs): the graphed update, its
-    gradient copied where the caller would keep it, or the eager one where the capture failed."""
+class LayerPlan:
+    """A layer's decisions for one (B, T, K, dtype, device), made on its first backward at that shape: the
+    statistics strategy and chunking (``layer_update``'s keyword arguments), whether its tail can be a
+    graph's, and the graph it last used (kept, so that the next backward skips the lookup)."""
+
+    __slots__ = ("kwargs", "graphable", "copy", "graph_shape", "tail_fn", "tail", "tail_keys")
+
+    def __init__(self, layer: LinearLayer, x: torch.Tensor, d: torch.Tensor, b: int, t: int,
+                 positions: torch.Tensor | None):
+        cfg = layer.cfg
+        d_in, d_out = x.shape[-1], d.shape[-1]
+        k = 0 if positions is None else positions.shape[0]
+        strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, positions is None)
+        chunk = output_chunk(cfg.chunk_bytes, x.element_size(), b, d_in, d_out)
+        fp32_gram = gram_out_dtype_supported(x)
+        self.kwargs = dict(cfg=cfg, b=b, t=t, strategy=strategy, chunk=chunk, fp32_gram=fp32_gram)
+        self.graphable = layer.graphs is not None and strategy == "instantiate" and chunk is None
+        # Under autocast G is bf16 and the weight float32: autograd casts the returned gradient into a new
+        # tensor as the backward returns, so the graph's static output needs no copy of its own.
+        self.copy = _static_gradient_needs_copy(x, layer.module._parameters["weight"])
+        self.graph_shape = (b, d_in, d_out, k, x.dtype, x.device)
+        self.tail_fn = functools.partial(tail_update, cfg=cfg, fp32_gram=fp32_gram)
+        self.tail: TailGraph | None = None
+        self.tail_keys = -1
+        """How many EMA keys the layer had when ``tail`` was looked up (the graph changes with them, and a
+        configuration's keys only ever go from none to all)."""
+
+
+def _static_gradient_needs_copy(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.dtype == weight.dtype
+
+
+def _update_args(x, d, positions, adv, layout, layer) -> tuple:
+    """``layer_update``'s positional arguments."""
+    return (x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1]), positions, adv, layer.ema.value,
+            layout.token_mask if layout.has_padding else None, layout.pad_index, layout.token_seq)
+
+
+def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, positions, adv, layout):
+    """``layer_update`` for an unchunked `instantiate` layer, its tail (``tail_update``: statistics, weights,
+    weighted sum) replayed from ``graphs``: G and the sample rows written straight into the graph's static
+    inputs, the statistics recorded from its static outputs (``LayerEma.record(..., static=True)``), the
+    gradient copied where autograd would keep the static buffer itself. The eager function where a capture
+    fails."""
+    ema = layer.ema.value
+    tail = plan.tail
+    if tail is None or plan.tail_keys != len(ema) or not graphs.touch(tail):
+        tail = plan.tail = graphs.get(*plan.graph_shape, adv, ema, _stat_dtype(x.dtype))
+        plan.tail_keys = len(ema)
+    b, d_in, d_out = plan.graph_shape[:3]
     try:
-        grad_w, _, recorded = graphed_layer_update(graphs, *args, **kwargs)
-        if copy:
-            grad_w = grad_w.clone()
-        return grad_w, recorded, True
+        if layout.has_padding or layout.pad_index is not None:
+            x_flat, d_flat, a3, d3 = padded_operands(x.reshape(-1, d_in), d.reshape(-1, d_out),
+                                                     layout.token_mask if layout.has_padding else None,
+                                                     layout.pad_index, b, layout.seq_len_max)
+        else:  # row r is sequence r: padded_operands without its checks
+            x_flat, d_flat = x.reshape(-1, d_in), d.reshape(-1, d_out)
+            a3, d3 = x_flat.view(b, -1, d_in), d_flat.view(b, -1, d_out)
+        torch.bmm(d3.transpose(1, 2), a3, out=tail.g)
+        if positions is not None:
+            torch.index_select(x_flat, 0, positions, out=tail.a_k)
+            torch.index_select(d_flat, 0, positions, out=tail.d_k)
+        tail.load(adv, ema)
+        _, grad_flat, recorded = tail.run(plan.tail_fn, graphs.capture)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any capture failure: the eager function computes the same
         graphs.give_up(e)
-        grad_w, _, recorded = layer_update(*args, **kwargs)
-        return grad_w, recorded, False
+        grad_w, _, recorded = layer_update(*_update_args(x, d, positions, adv, layout, layer), **plan.kwargs)
+        for name, value in recorded.items():
+            layer.ema.record(name, value)
+        return grad_w
+    # A new view each call: autograd may keep the returned tensor itself as .grad (hence the copy).
+    grad_w = grad_flat.view(d_out, d_in)
+    if plan.copy:
+        grad_w = grad_w.clone()
+    for name, value in recorded.items():
+        layer.ema.record(name, value, static=True)
+    return grad_w
 
 
 def _eager_or_compiled(cfg: IsopoConfig, args, kwargs):
@@ -192,43 +246,6 @@ def layer_update(
     if token_mask is not None:
         token_w = token_w * _as(token_mask, d_flat.dtype)
     return (d_flat * token_w.unsqueeze(1)).t() @ x_flat, w, recorded
-
-
-def graphed_layer_update(
-    graphs: TailGraphs,
-    x_flat: torch.Tensor,
-    d_flat: torch.Tensor,
-    positions: torch.Tensor | None,
-    adv: torch.Tensor,
-    ema: Mapping[str, torch.Tensor],
-    token_mask: torch.Tensor | None,
-    pad_index: torch.Tensor | None,
-    token_seq: torch.Tensor,
-    *,
-    cfg: IsopoConfig,
-    b: int,
-    t: int,
-    strategy: str,
-    chunk: int | None,
-    fp32_gram: bool,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """``layer_update`` for an unchunked `instantiate` layer, its tail (``tail_update``: statistics, weights,
-    weighted sum) replayed from ``graphs``: G and the sample rows are written straight into the graph's static
-    inputs. Everything returned is a static buffer, valid until the next layer of this shape runs: the caller
-    copies the gradient unless autograd's cast to the weight's dtype does, and records copies of the
-    statistics (``LayerEma.record(..., static=True)``)."""
-    d_in, d_out = x_flat.shape[1], d_flat.shape[1]
-    x_flat, d_flat, a3, d3 = padded_operands(x_flat, d_flat, token_mask, pad_index, b, t)
-    k = 0 if positions is None else positions.shape[0]
-    tail = graphs.get(b, d_in, d_out, k, x_flat.dtype, x_flat.device, adv, ema, _stat_dtype(x_flat.dtype))
-    torch.bmm(d3.transpose(1, 2), a3, out=tail.g)
-    if k:
-        torch.index_select(x_flat, 0, positions, out=tail.a_k)
-        torch.index_select(d_flat, 0, positions, out=tail.d_k)
-    tail.load(adv, ema)
-    w, grad_flat, recorded = tail.run(functools.partial(tail_update, cfg=cfg, fp32_gram=fp32_gram), graphs.capture)
-    # A new view each call: autograd may keep the returned tensor itself as .grad (hence the caller's copy).
-    return grad_flat.view(d_out, d_in), w, recorded
 
 
 def tail_update(
