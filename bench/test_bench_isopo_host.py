@@ -31,7 +31,7 @@ VARIANTS = {
 
 
 def _replay_free(self, tail, capture):
-    """TailGraph.run as a replay behaves, minus the launch: the first call runs the tail on the static
+    """TailGraph._replay as a replay behaves, minus the launch: the first call runs the tail on the static
     buffers, later calls return the same outputs."""
     if self.outputs is None:
         self.outputs = self._call(tail)
@@ -53,7 +53,7 @@ def test_layer_stack_step(benchmark, monkeypatch, variant, path):
     if cfg is not None:
         engine = Isopo(model, cfg.replace(cuda_graphs=path == "graph"))
         if path == "graph":
-            monkeypatch.setattr(TailGraph, "run", _replay_free)
+            monkeypatch.setattr(TailGraph, "_replay", _replay_free)
             engine.graphs = TailGraphs(capture=False)
             for layer in engine.layers:
                 layer.graphs = engine.graphs

@@ -24,6 +24,7 @@ STEPS = [
 SAME_B_STEPS = [
     [((3, 5, 2), (4, 2, 6)), ((2, 4, 3), (5, 3, 2))],
     [((4, 2, 3), (3, 6, 2)), ((3, 3, 5), (2, 4, 1))],
+    [((2, 3, 4), (3, 2, 5)), ((5, 2, 2), (2, 3, 3))],
 ]
 
 
@@ -259,8 +260,53 @@ def test_graph_tails_on_static_buffers_match_the_reference(monkeypatch, kept):
     for cfg in (IsopoConfig(setting="rel_overlap", c_n=0.5, c_o=0.3, c_r=0.2, num_samples=9, seed=3,
                             chunk_bytes=40_000, strategy="instantiate"),
                 IsopoConfig(variant="interacting", setting=None, c_lambda=0.5, strategy="instantiate")):
-        run_against_reference(cfg, [cfg.replace(cuda_graphs=True)], steps=2, spec=SAME_B_STEPS)
+        run_against_reference(cfg, [cfg.replace(cuda_graphs=True)], steps=3, spec=SAME_B_STEPS)
     assert len(made) == 2 and all(0 < len(g) <= kept and not g.failed for g in made)
+
+
+def test_graph_slots_copy_a_layers_emas_only_when_the_visiting_order_changes():
+    """A graph's visits read their EMAs from slots that the end of a step refreshes for the layers that
+    visited them: from the third step on (the first with EMAs is the second) a visit in the same order copies
+    nothing, and every gradient and EMA equals the eager engine's."""
+    model = tiny_qwen3()
+    cfg = IsopoConfig(variant="interacting", setting=None, c_lambda=0.5, strategy="instantiate", cuda_graphs=True)
+    engine = Isopo(model, cfg)
+    engine.graphs.capture = False
+    eager = Isopo(model, cfg.replace(cuda_graphs=False))
+
+    def copies():
+        return sum(g.ema_copies for g in engine.graphs._graphs.values())
+
+    counts = []
+    for step in range(3):
+        batches = step_batches(step, SAME_B_STEPS)
+        n_tok = response_tokens(batches)
+        expected = efficient_step(model, eager, batches, n_tok)
+        assert_rel_close(efficient_step(model, engine, batches, n_tok), expected, tol=1e-6)
+        counts.append(copies())
+    assert counts[0] == 0  # no EMA yet: nothing to read
+    assert counts[1] > 0  # the first visits with EMAs fill the slots
+    assert counts[2] == counts[1]  # same layers, same order: the refreshed slots serve
+    for mine, theirs in zip(engine.layers, eager.layers):
+        assert torch.allclose(mine.ema.value["trK"], theirs.ema.value["trK"], rtol=1e-6, atol=0), mine.name
+    assert all(g.visits == 0 for g in engine.graphs._graphs.values())  # rewound at the step's end
+
+
+def test_graph_slots_of_a_shape_a_step_skipped_are_not_reused():
+    """A step whose micro-batches have another batch size visits other graphs; the EMAs change at its end,
+    so the first graphs' slots are stale and the next visit copies the EMAs afresh (else λ would come
+    from an old EMA)."""
+    spec = SAME_B_STEPS[:2] + [[((2, 3), (4, 2)), ((3, 2), (2, 5))]] + SAME_B_STEPS[2:]
+    model = tiny_qwen3()
+    cfg = IsopoConfig(variant="interacting", setting=None, c_lambda=0.5, strategy="instantiate", cuda_graphs=True)
+    engine = Isopo(model, cfg)
+    engine.graphs.capture = False
+    eager = Isopo(model, cfg.replace(cuda_graphs=False))
+    for step in range(len(spec)):
+        batches = step_batches(step, spec)
+        n_tok = response_tokens(batches)
+        expected = efficient_step(model, eager, batches, n_tok)
+        assert_rel_close(efficient_step(model, engine, batches, n_tok), expected, tol=1e-6)
 
 
 def test_graph_tails_share_a_shapes_buffers_and_drop_them_with_its_last_graph():
@@ -298,7 +344,7 @@ def test_the_graph_tails_static_gradient_is_copied_unless_autograd_casts_it(monk
     import algorithms.isopo.linear as linear
     from algorithms.isopo.graphs import TailGraph
 
-    def replay_like(self, tail, capture):
+    def replay_like(self, tail, capture):  # TailGraph._replay
         w, grad, recorded = self._call(tail)
         if self.outputs is None:
             self.outputs = (w.clone(), grad.clone(), {k: v.clone() for k, v in recorded.items()})
@@ -309,7 +355,7 @@ def test_the_graph_tails_static_gradient_is_copied_unless_autograd_casts_it(monk
                 self.outputs[2][key].copy_(value)
         return self.outputs
 
-    monkeypatch.setattr(TailGraph, "run", replay_like)
+    monkeypatch.setattr(TailGraph, "_replay", replay_like)
     # Regularised, so the statistics recorded for the EMAs are static outputs too: they must be copied as well.
     cfg = IsopoConfig(setting="paper", c_n=0.5, c_o=0.5, num_samples=9, strategy="instantiate", cuda_graphs=False)
     bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if autocast else None

@@ -94,8 +94,9 @@ def test_bf16_autocast_on_the_device_stays_close_to_float32(device, variant):
 def test_graph_tails_on_the_device_match_the_eager_layers(device):
     """IsopoConfig.cuda_graphs (on by default; turned off here for the eager side): on CUDA every unchunked
     layer's tail is captured once per shape and replayed; on the CPU the same static buffers are used without
-    a capture. Two float64 steps of two equal-B padded micro-batches (a shape's graph meets new advantages;
-    the EMAs change between steps): the same gradients as the eager layers; and one float32 step under bf16
+    a capture. Three float64 steps of two equal-B padded micro-batches (a shape's graph meets new advantages;
+    the EMAs change between steps, and the third reads them from the graphs' slots as the second's end
+    refreshed them): the same gradients as the eager layers; and one float32 step under bf16
     autocast, the benchmark's path (bf16 G, float32 statistics), where the two run the same kernels."""
     for cfg in (IsopoConfig(setting="rel_overlap", c_n=0.5, c_o=0.3, c_r=0.2, num_samples=9, seed=3,
                             strategy="instantiate"),
@@ -103,7 +104,7 @@ def test_graph_tails_on_the_device_match_the_eager_layers(device):
         model = tiny_qwen3().to(device)
         eager, graphed = Isopo(model, cfg.replace(cuda_graphs=False)), Isopo(model, cfg.replace(cuda_graphs=True))
         graphed.graphs.capture = device == "cuda"
-        for step in range(2):
+        for step in range(len(SAME_B_STEPS)):
             batches = [_on(b, device) for b in step_batches(step, SAME_B_STEPS)]
             n_tok = response_tokens(batches)
             expected = efficient_step(model, eager, batches, n_tok)

@@ -129,7 +129,11 @@ class Isopo:
 
     def end_step(self) -> None:
         """Call once per optimizer step, after its micro-batches' backward passes."""
-        update_emas(layer.ema for layer in self.layers)
+        update = lambda: update_emas(layer.ema for layer in self.layers)  # noqa: E731
+        if self.graphs is None:
+            update()
+        else:  # the graphed visits' statistics are in the graphs' slots until now
+            self.graphs.end_step(update)
         self.step += 1
         self._micro_index = 0
 

@@ -9,7 +9,9 @@ output, so nothing large is copied in (and out only where autograd would keep it
 
 A ``TailGraph`` holds one capture: its shape's static inputs (``StaticInputs``, held once per shape), the
 graph and its outputs. Layers of the same shape share it (the static buffers are overwritten by the next such
-layer, after this one's reads on the same stream).
+layer, after this one's reads on the same stream). The per-layer numbers, the EMAs a layer's tail reads and
+the statistics it records, go through slots indexed by a cursor that the graph advances itself: the host
+fills them for a whole step at its end (``TailGraphs.end_step``), not with a copy per layer.
 A capture synchronises the device once (``torch.cuda.graph`` does, before it starts); replays never do.
 With ``capture=False`` the same buffers are filled and the tail runs eagerly on them — the CPU test of
 everything but the capture itself.
@@ -21,12 +23,23 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
+
+from .batch import to_device
+
+if TYPE_CHECKING:
+    from .weights import LayerEma
 
 GRAPHS_KEPT = 32
 """Graphs kept, one per shape and EMA key set (least recently used dropped): each holds its graph's memory,
 and a shape's G buffer stays while any of its graphs does."""
+
+
+SLOTS = 4096
+"""Visits of one graph per step (layers of its shape × micro-batches) that read their EMAs and record their
+statistics through slots; later visits of a step take the eager path."""
 
 
 class StaticInputs:
@@ -51,13 +64,28 @@ class StaticInputs:
 
 
 class TailGraph:
-    """One capture: the shape's static inputs, this EMA key set's static EMAs, and once captured the graph
-    and its outputs."""
+    """One capture: the shape's static inputs, the slots of this EMA key set's visits, and once captured the
+    graph and its outputs."""
 
     def __init__(self, key: tuple, inputs: StaticInputs, ema_keys: tuple[str, ...], stat_dtype: torch.dtype):
         self.key = key
         self.inputs = inputs
-        self.ema = {key: torch.empty((), dtype=stat_dtype, device=inputs.g.device) for key in ema_keys}
+        device = inputs.g.device
+        # One slot per visit of a step (a layer's backward through this graph): the EMAs the visit reads and
+        # the statistics it records, at the position of a cursor that the tail itself advances. A replay
+        # thus needs no copy of its own: the EMAs are written into the slots at the end of the step for the
+        # layers that visited them (the next step visits in the same order), and the records are summed per
+        # layer there (``collect``), not copied out one by one.
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)
+        self.visits = 0
+        """The host's count of this step's visits: the cursor's value, without reading the device."""
+        self.owners: list[LayerEma] = []
+        """Whose EMAs each slot holds (the layer that visited that position, as of the last refresh)."""
+        self.ema_slots = {k: torch.zeros(SLOTS, dtype=stat_dtype, device=device) for k in ema_keys}
+        self.record_slots: dict[str, torch.Tensor] | None = None
+        """Made on the first (eager) call, from the statistics the tail records."""
+        self.ema_copies = 0
+        """EMA values copied into a slot one by one (a visit in a new order), for the tests."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
 
@@ -73,16 +101,33 @@ class TailGraph:
     def d_k(self) -> torch.Tensor | None:
         return self.inputs.d_k
 
-    def load(self, adv: torch.Tensor, ema: Mapping[str, torch.Tensor]) -> None:
-        """The advantages and this layer's EMAs into the static inputs (G and the samples are written there
-        by the caller's ``out=`` operations)."""
+    def has_slot(self) -> bool:
+        return self.visits < SLOTS
+
+    def load(self, adv: torch.Tensor, ema: LayerEma) -> int:
+        """The advantages, and this layer's EMAs into the next visit's slot unless it holds them already (G and
+        the samples are written by the caller's ``out=`` operations). Returns the visit's position."""
         self.inputs.load_advantages(adv)
-        for key, value in ema.items():
-            self.ema[key].copy_(value)
+        pos = self.visits
+        if pos < len(self.owners) and self.owners[pos] is ema:
+            return pos  # the same layer as last step: its slot was refreshed at the step's end
+        if pos < len(self.owners):
+            self.owners[pos] = ema
+        else:
+            self.owners.append(ema)
+        for key, slots in self.ema_slots.items():
+            slots[pos].copy_(ema.value[key])
+        self.ema_copies += bool(self.ema_slots)
+        return pos
 
     def run(self, tail: Callable, capture: bool):
         """The tail's outputs for the loaded inputs (static tensors: read them before this shape's next
         layer runs)."""
+        outputs = self._replay(tail, capture)
+        self.visits += 1
+        return outputs
+
+    def _replay(self, tail: Callable, capture: bool):
         if not capture:
             return self._call(tail)
         if self.graph is None:
@@ -91,7 +136,50 @@ class TailGraph:
         return self.outputs
 
     def _call(self, tail: Callable):
-        return tail(self.inputs.g, self.inputs.a_k, self.inputs.d_k, self.inputs.adv, self.ema)
+        ema = {key: slots.index_select(0, self.cursor).view(()) for key, slots in self.ema_slots.items()}
+        w, grad, recorded = tail(self.inputs.g, self.inputs.a_k, self.inputs.d_k, self.inputs.adv, ema)
+        if self.record_slots is None:
+            self.record_slots = {key: torch.zeros(SLOTS, dtype=v.dtype, device=v.device) for key, v in recorded.items()}
+        for key, value in recorded.items():
+            self.record_slots[key].index_copy_(0, self.cursor, value.reshape(1))
+        self.cursor.add_(1)
+        return w, grad, recorded
+
+    def collect(self) -> None:
+        """This step's records into each visiting layer's EMA sums (``LayerEma.add``): per statistic, one
+        gather-free segment sum over the slots used, then a view per layer."""
+        if not self.visits or not self.record_slots:
+            return
+        owners = self.owners[: self.visits]
+        index: dict[int, int] = {}
+        firsts: list[LayerEma] = []
+        segment = []
+        for ema in owners:
+            if id(ema) not in index:
+                index[id(ema)] = len(firsts)
+                firsts.append(ema)
+            segment.append(index[id(ema)])
+        counts = [0] * len(firsts)
+        for u in segment:
+            counts[u] += 1
+        device = self.cursor.device
+        seg = to_device(torch.tensor(segment), device)
+        for key, slots in self.record_slots.items():
+            sums = torch.zeros(len(firsts), dtype=slots.dtype, device=device).index_add_(0, seg, slots[: self.visits])
+            for u, ema in enumerate(firsts):
+                ema.add(key, sums[u], counts[u])
+
+    def refresh(self) -> None:
+        """At the end of a step, after the EMA update: each slot this step visited gets its layer's new EMAs
+        (one copy per statistic for all of them; slots past them are forgotten), and the cursor goes back to
+        the first slot. A graph this step did not visit forgets every slot instead: its EMAs are stale."""
+        n = self.visits
+        del self.owners[n:]
+        if n:
+            for key, slots in self.ema_slots.items():
+                slots[:n].copy_(torch.stack([ema.value[key] for ema in self.owners]))
+            self.cursor.zero_()
+            self.visits = 0
 
     def _capture(self, tail: Callable) -> None:
         device = self.inputs.g.device
@@ -99,8 +187,10 @@ class TailGraph:
         # the capture), as the CUDA graphs documentation prescribes.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
+        cursor = self.cursor.clone()
         with torch.cuda.stream(side):
             self._call(tail)
+            self.cursor.copy_(cursor)  # the warm-up's visit does not count: the replay makes it
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the capture runs on autograd's backward thread.
@@ -120,6 +210,9 @@ class TailGraphs:
         self.failed = False
         self._graphs: OrderedDict[tuple, TailGraph] = OrderedDict()
         self._inputs: dict[tuple, StaticInputs] = {}
+        self._dropped: list[TailGraph] = []
+        """Graphs dropped (evicted, or all of them on a failed capture) after this step visited them: their
+        records are still to be collected at the step's end."""
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -137,7 +230,9 @@ class TailGraphs:
             inputs = self._inputs[shape] = StaticInputs(b, d_in, d_out, k, dtype, device, adv.dtype)
         graph = self._graphs[key] = TailGraph(key, inputs, key[1], stat_dtype)
         while len(self._graphs) > self.kept:
-            (old_shape, _), _ = self._graphs.popitem(last=False)
+            (old_shape, _), old = self._graphs.popitem(last=False)
+            if old.visits:
+                self._dropped.append(old)
             if all(s != old_shape for s, _ in self._graphs):
                 del self._inputs[old_shape]
         return graph
@@ -150,9 +245,21 @@ class TailGraphs:
         self._graphs.move_to_end(graph.key)
         return True
 
+    def end_step(self, update_emas: Callable[[], None]) -> None:
+        """The step's end: the visits' records into the layers' EMA sums, ``update_emas()``, then every
+        visited graph's slots refreshed with the new EMAs and its cursor rewound."""
+        visited = [g for g in self._graphs.values() if g.visits] + self._dropped
+        for graph in visited:
+            graph.collect()
+        update_emas()
+        for graph in self._graphs.values():
+            graph.refresh()
+        self._dropped = []
+
     def give_up(self, error: Exception) -> None:
         """A capture failed: this engine's layers run eagerly from now on."""
         self.failed = True
+        self._dropped.extend(g for g in self._graphs.values() if g.visits)
         self._graphs.clear()
         self._inputs.clear()
         warnings.warn(f"ISOPO: capturing a CUDA graph failed ({type(error).__name__}: {error}); running the "

@@ -101,7 +101,9 @@ def isopo_weight_grad(
     # Only layers on the main layout: a view's sample (the positions inside it) changes size from one
     # micro-batch to the next, and every new size would be a new capture.
     if plan.graphable and layout is mb.main and not graphs.failed and (x.is_cuda or not graphs.capture):
-        return _graph_step(plan, graphs, layer, x, d, positions, mb.advantages, layout)
+        grad_w = _graph_step(plan, graphs, layer, x, d, positions, mb.advantages, layout)
+        if grad_w is not None:
+            return grad_w
     grad_w, recorded = _eager_or_compiled(cfg, _update_args(x, d, positions, mb.advantages, layout, layer),
                                           plan.kwargs)
     for name, value in recorded.items():
@@ -150,14 +152,16 @@ def _update_args(x, d, positions, adv, layout, layer) -> tuple:
 def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, positions, adv, layout):
     """``layer_update`` for an unchunked `instantiate` layer, its tail (``tail_update``: statistics, weights,
     weighted sum) replayed from ``graphs``: G and the sample rows written straight into the graph's static
-    inputs, the statistics recorded from its static outputs (``LayerEma.record(..., static=True)``), the
+    inputs, the EMAs read and the statistics recorded through the graph's slots (``graphs.TailGraph``), the
     gradient copied where autograd would keep the static buffer itself. The eager function where a capture
-    fails."""
+    fails; None where the graph has no slot left this step (the caller takes the eager path)."""
     ema = layer.ema.value
     tail = plan.tail
     if tail is None or plan.tail_keys != len(ema) or not graphs.touch(tail):
         tail = plan.tail = graphs.get(*plan.graph_shape, adv, ema, _stat_dtype(x.dtype))
         plan.tail_keys = len(ema)
+    if not tail.has_slot():
+        return None  # this step has visited the graph more times than it has slots: the eager path
     b, d_in, d_out = plan.graph_shape[:3]
     try:
         if layout.has_padding or layout.pad_index is not None:
@@ -171,8 +175,8 @@ def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, p
         if positions is not None:
             torch.index_select(x_flat, 0, positions, out=tail.a_k)
             torch.index_select(d_flat, 0, positions, out=tail.d_k)
-        tail.load(adv, ema)
-        _, grad_flat, recorded = tail.run(plan.tail_fn, graphs.capture)
+        tail.load(adv, layer.ema)
+        _, grad_flat, _ = tail.run(plan.tail_fn, graphs.capture)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any capture failure: the eager function computes the same
@@ -185,9 +189,7 @@ def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, p
     grad_w = grad_flat.view(d_out, d_in)
     if plan.copy:
         grad_w = grad_w.clone()
-    for name, value in recorded.items():
-        layer.ema.record(name, value, static=True)
-    return grad_w
+    return grad_w  # the statistics it recorded stay in the graph's slots until the step's end
 
 
 def _eager_or_compiled(cfg: IsopoConfig, args, kwargs):

@@ -29,14 +29,13 @@ class LayerEma:
         self._sum: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
 
-    def record(self, key: str, current: torch.Tensor, static: bool = False) -> None:
-        """static: ``current`` is a buffer that will be overwritten (a CUDA graph's output), so a copy is kept
-        (the first record copies it, later ones add it into a new sum)."""
-        if key in self._sum:
-            self._sum[key] = self._sum[key] + current.detach()
-        else:
-            self._sum[key] = current.clone() if static else current.detach()
-        self._count[key] = self._count.get(key, 0) + 1
+    def record(self, key: str, current: torch.Tensor) -> None:
+        self.add(key, current.detach(), 1)
+
+    def add(self, key: str, total: torch.Tensor, count: int) -> None:
+        """``count`` micro-batches' values at once, summed (a CUDA graph's slots: ``graphs.TailGraph``)."""
+        self._sum[key] = self._sum[key] + total if key in self._sum else total
+        self._count[key] = self._count.get(key, 0) + count
 
 
 def update_emas(emas: Iterable[LayerEma]) -> None:
