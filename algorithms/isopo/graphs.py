@@ -166,8 +166,8 @@ class TailGraph:
         seg = to_device(torch.tensor(segment), device)
         for key, slots in self.record_slots.items():
             sums = torch.zeros(len(firsts), dtype=slots.dtype, device=device).index_add_(0, seg, slots[: self.visits])
-            for u, ema in enumerate(firsts):
-                ema.add(key, sums[u], counts[u])
+            for ema, total, count in zip(firsts, sums.unbind(), counts):
+                ema.add(key, total, count)
 
     def refresh(self) -> None:
         """At the end of a step, after the EMA update: each slot this step visited gets its layer's new EMAs
