@@ -7,8 +7,10 @@ backward under bf16 autocast (and ``end_step``), timed whole: plain autograd, IS
 ISOPO's graphed path with the replay's own cost left out — the tails run on a shape's static buffers
 (``TailGraphs(capture=False)``) once, and later calls hand back those outputs as a replay would; a replay's
 launch is a CUDA driver call that only a GPU can time (``cudaGraphLaunch`` in ``bench overhead --profile``).
-Divide the difference to ``plain`` by LAYERS for the host's extra µs per layer. Not part of the default test
-run; run with
+Divide the difference to ``plain`` by LAYERS for the host's extra µs per layer. ``test_norm_stack_step``
+does the same for LAYERS Qwen3 RMSNorms (their gains take ISOPO's REINFORCE gradient through a per-token
+expansion, ``params.PerTokenParam``; Qwen3-0.6B runs 113 norms a step beside its 197 linear layers). Not part
+of the default test run; run with
 
     .venv/bin/python -m pytest bench/test_bench_isopo_host.py --benchmark-enable
 """
@@ -83,3 +85,41 @@ def test_layer_stack_step(benchmark, monkeypatch, variant, path):
     assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in model)
     if path == "graph":
         assert len(engine.graphs) > 0 and not engine.graphs.failed
+
+
+@pytest.mark.parametrize("variant", ["plain", "isopo_int"])
+def test_norm_stack_step(benchmark, variant):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(*[Qwen3RMSNorm(WIDTH) for _ in range(LAYERS)])
+    x = torch.randn(B, T, WIDTH, generator=gen).requires_grad_()
+    seq_ids = torch.arange(B).unsqueeze(1).expand(B, T).contiguous()
+    advantages = torch.randn(B, generator=gen)
+    # Norms alone (no linear layer): the engine still needs one to install, so a last one closes the stack.
+    model.append(nn.Linear(WIDTH, WIDTH, bias=False))
+    engine = Isopo(model, VARIANTS[variant].replace(cuda_graphs=False)) if variant != "plain" else None
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        if engine is None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().sum().backward()
+            return
+        with engine.micro_batch(seq_ids, advantages):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().sum().backward()
+        engine.end_step()
+
+    if engine is not None:
+        engine.install()
+    try:
+        benchmark.group = f"host cost, {LAYERS} RMSNorms"
+        benchmark.extra_info["layers"] = LAYERS
+        benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=3)
+    finally:
+        if engine is not None:
+            engine.remove()
+    assert all(torch.isfinite(m.weight.grad).all() for m in model)
