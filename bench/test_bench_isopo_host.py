@@ -43,14 +43,44 @@ def _replay_free(self, tail, capture):
 CASES = [("plain", "eager")] + [(variant, path) for variant in ("isopo_ni", "isopo_int") for path in ("eager", "graph")]
 
 
-@pytest.mark.parametrize(("variant", "path"), CASES, ids=[f"{v}-{p}" for v, p in CASES])
-def test_layer_stack_step(benchmark, monkeypatch, variant, path):
-    cfg = VARIANTS[variant]
+def _time_stack(benchmark, model: nn.Module, engine: Isopo | None, group: str) -> None:
+    """Time one forward, backward (and ``end_step``) of ``model`` over B × T tokens under bf16 autocast, ISOPO
+    installed when ``engine`` is given; then check every parameter got a finite gradient."""
     gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(LAYERS)])
     x = torch.randn(B, T, WIDTH, generator=gen).requires_grad_()
     seq_ids = torch.arange(B).unsqueeze(1).expand(B, T).contiguous()
     advantages = torch.randn(B, generator=gen)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        if engine is None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().sum().backward()
+            return
+        with engine.micro_batch(seq_ids, advantages):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().sum().backward()
+        engine.end_step()
+
+    if engine is not None:
+        engine.install()
+    try:
+        benchmark.group = group
+        benchmark.extra_info["layers"] = LAYERS
+        benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=3)
+    finally:
+        if engine is not None:
+            engine.remove()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("variant", "path"), CASES, ids=[f"{v}-{p}" for v, p in CASES])
+def test_layer_stack_step(benchmark, monkeypatch, variant, path):
+    cfg = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(LAYERS)])
     engine = None
     if cfg is not None:
         engine = Isopo(model, cfg.replace(cuda_graphs=path == "graph"))
@@ -59,30 +89,7 @@ def test_layer_stack_step(benchmark, monkeypatch, variant, path):
             engine.graphs = TailGraphs(capture=False)
             for layer in engine.layers:
                 layer.graphs = engine.graphs
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        if engine is None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(x)
-            out.float().sum().backward()
-            return
-        with engine.micro_batch(seq_ids, advantages):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(x)
-            out.float().sum().backward()
-        engine.end_step()
-
-    if engine is not None:
-        engine.install()
-    try:
-        benchmark.group = f"host cost, {LAYERS} linear layers"
-        benchmark.extra_info["layers"] = LAYERS
-        benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=3)
-    finally:
-        if engine is not None:
-            engine.remove()
-    assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in model)
+    _time_stack(benchmark, model, engine, f"host cost, {LAYERS} linear layers")
     if path == "graph":
         assert len(engine.graphs) > 0 and not engine.graphs.failed
 
@@ -91,35 +98,7 @@ def test_layer_stack_step(benchmark, monkeypatch, variant, path):
 def test_norm_stack_step(benchmark, variant):
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(*[Qwen3RMSNorm(WIDTH) for _ in range(LAYERS)])
-    x = torch.randn(B, T, WIDTH, generator=gen).requires_grad_()
-    seq_ids = torch.arange(B).unsqueeze(1).expand(B, T).contiguous()
-    advantages = torch.randn(B, generator=gen)
-    # Norms alone (no linear layer): the engine still needs one to install, so a last one closes the stack.
-    model.append(nn.Linear(WIDTH, WIDTH, bias=False))
+    # Norms alone, but the engine needs a linear layer to install: a last one closes the stack.
+    model = nn.Sequential(*[Qwen3RMSNorm(WIDTH) for _ in range(LAYERS)], nn.Linear(WIDTH, WIDTH, bias=False))
     engine = Isopo(model, VARIANTS[variant].replace(cuda_graphs=False)) if variant != "plain" else None
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        if engine is None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(x)
-            out.float().sum().backward()
-            return
-        with engine.micro_batch(seq_ids, advantages):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(x)
-            out.float().sum().backward()
-        engine.end_step()
-
-    if engine is not None:
-        engine.install()
-    try:
-        benchmark.group = f"host cost, {LAYERS} RMSNorms"
-        benchmark.extra_info["layers"] = LAYERS
-        benchmark.pedantic(step, rounds=30, iterations=1, warmup_rounds=3)
-    finally:
-        if engine is not None:
-            engine.remove()
-    assert all(torch.isfinite(m.weight.grad).all() for m in model)
+    _time_stack(benchmark, model, engine, f"host cost, {LAYERS} RMSNorms")
