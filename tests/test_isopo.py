@@ -292,6 +292,42 @@ def test_graph_slots_copy_a_layers_emas_only_when_the_visiting_order_changes():
     assert all(g.visits == 0 for g in engine.graphs._graphs.values())  # rewound at the step's end
 
 
+def test_a_failed_capture_falls_back_to_the_eager_layers(monkeypatch):
+    """A capture that raises (a kernel the graph cannot hold, say) warns once, turns the engine's graphs off
+    and leaves every layer to the eager path, from the failing layer on: the gradients and EMAs are the
+    eager engine's, including the statistics that visits before the failure left in the graphs' slots."""
+    from algorithms.isopo.graphs import TailGraph
+
+    real = TailGraph._replay
+    calls = {"n": 0}
+
+    def fails_on_the_fifth(self, tail, capture):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(self, tail, capture)
+
+    monkeypatch.setattr(TailGraph, "_replay", fails_on_the_fifth)
+    model = tiny_qwen3()
+    cfg = IsopoConfig(variant="interacting", setting=None, c_lambda=0.5, strategy="instantiate", cuda_graphs=True)
+    engine = Isopo(model, cfg)
+    engine.graphs.capture = False
+    eager = Isopo(model, cfg.replace(cuda_graphs=False))
+    for step in range(2):
+        batches = step_batches(step, SAME_B_STEPS)
+        n_tok = response_tokens(batches)
+        expected = efficient_step(model, eager, batches, n_tok)
+        if step == 0:
+            with pytest.warns(RuntimeWarning, match="capturing a CUDA graph failed"):
+                got = efficient_step(model, engine, batches, n_tok)
+        else:
+            got = efficient_step(model, engine, batches, n_tok)
+        assert_rel_close(got, expected, tol=1e-6)
+    assert engine.graphs.failed and calls["n"] == 5
+    for mine, theirs in zip(engine.layers, eager.layers):
+        assert torch.allclose(mine.ema.value["trK"], theirs.ema.value["trK"], rtol=1e-6, atol=0), mine.name
+
+
 def test_graph_slots_of_a_shape_a_step_skipped_are_not_reused():
     """A step whose micro-batches have another batch size visits other graphs; the EMAs change at its end,
     so the first graphs' slots are stale and the next visit copies the EMAs afresh (else λ would come

@@ -104,13 +104,13 @@ class TailGraph:
     def has_slot(self) -> bool:
         return self.visits < SLOTS
 
-    def load(self, adv: torch.Tensor, ema: LayerEma) -> int:
+    def load(self, adv: torch.Tensor, ema: LayerEma) -> None:
         """The advantages, and this layer's EMAs into the next visit's slot unless it holds them already (G and
-        the samples are written by the caller's ``out=`` operations). Returns the visit's position."""
+        the samples are written by the caller's ``out=`` operations)."""
         self.inputs.load_advantages(adv)
         pos = self.visits
         if pos < len(self.owners) and self.owners[pos] is ema:
-            return pos  # the same layer as last step: its slot was refreshed at the step's end
+            return  # the same layer as last step: its slot was refreshed at the step's end
         if pos < len(self.owners):
             self.owners[pos] = ema
         else:
@@ -118,7 +118,6 @@ class TailGraph:
         for key, slots in self.ema_slots.items():
             slots[pos].copy_(ema.value[key])
         self.ema_copies += bool(self.ema_slots)
-        return pos
 
     def run(self, tail: Callable, capture: bool):
         """The tail's outputs for the loaded inputs (static tensors: read them before this shape's next

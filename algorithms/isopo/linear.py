@@ -153,8 +153,8 @@ def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, p
     """``layer_update`` for an unchunked `instantiate` layer, its tail (``tail_update``: statistics, weights,
     weighted sum) replayed from ``graphs``: G and the sample rows written straight into the graph's static
     inputs, the EMAs read and the statistics recorded through the graph's slots (``graphs.TailGraph``), the
-    gradient copied where autograd would keep the static buffer itself. The eager function where a capture
-    fails; None where the graph has no slot left this step (the caller takes the eager path)."""
+    gradient copied where autograd would keep the static buffer itself. None where a capture fails or the
+    graph has no slot left this step: the caller takes the eager path."""
     ema = layer.ema.value
     tail = plan.tail
     if tail is None or plan.tail_keys != len(ema) or not graphs.touch(tail):
@@ -179,12 +179,9 @@ def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, p
         _, grad_flat, _ = tail.run(plan.tail_fn, graphs.capture)
     except torch.OutOfMemoryError:
         raise
-    except Exception as e:  # noqa: BLE001 - any capture failure: the eager function computes the same
+    except Exception as e:  # noqa: BLE001 - any capture failure: the eager path computes the same
         graphs.give_up(e)
-        grad_w, _, recorded = layer_update(*_update_args(x, d, positions, adv, layout, layer), **plan.kwargs)
-        for name, value in recorded.items():
-            layer.ema.record(name, value)
-        return grad_w
+        return None
     # A new view each call: autograd may keep the returned tensor itself as .grad (hence the copy).
     grad_w = grad_flat.view(d_out, d_in)
     if plan.copy:
