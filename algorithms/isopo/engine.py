@@ -129,11 +129,11 @@ class Isopo:
 
     def end_step(self) -> None:
         """Call once per optimizer step, after its micro-batches' backward passes."""
-        update = lambda: update_emas(layer.ema for layer in self.layers)  # noqa: E731
-        if self.graphs is None:
-            update()
-        else:  # the graphed visits' statistics are in the graphs' slots until now
-            self.graphs.end_step(update)
+        if self.graphs is not None:  # the graphed visits' statistics are in the graphs' slots until now
+            self.graphs.collect()
+        update_emas(layer.ema for layer in self.layers)
+        if self.graphs is not None:  # the new EMAs into the slots of the layers that will read them
+            self.graphs.refresh()
         self.step += 1
         self._micro_index = 0
 

@@ -11,7 +11,7 @@ A ``TailGraph`` holds one capture: its shape's static inputs (``StaticInputs``, 
 graph and its outputs. Layers of the same shape share it (the static buffers are overwritten by the next such
 layer, after this one's reads on the same stream). The per-layer numbers, the EMAs a layer's tail reads and
 the statistics it records, go through slots indexed by a cursor that the graph advances itself: the host
-fills them for a whole step at its end (``TailGraphs.end_step``), not with a copy per layer.
+fills them for a whole step at its end (``TailGraphs.collect`` and ``refresh``), not with a copy per layer.
 A capture synchronises the device once (``torch.cuda.graph`` does, before it starts); replays never do.
 With ``capture=False`` the same buffers are filled and the tail runs eagerly on them — the CPU test of
 everything but the capture itself.
@@ -244,16 +244,18 @@ class TailGraphs:
         self._graphs.move_to_end(graph.key)
         return True
 
-    def end_step(self, update_emas: Callable[[], None]) -> None:
-        """The step's end: the visits' records into the layers' EMA sums, ``update_emas()``, then every
-        visited graph's slots refreshed with the new EMAs and its cursor rewound."""
-        visited = [g for g in self._graphs.values() if g.visits] + self._dropped
-        for graph in visited:
+    def collect(self) -> None:
+        """At the step's end, before the EMA update: every visit's records into its layer's EMA sums (graphs
+        dropped during the step included)."""
+        for graph in [g for g in self._graphs.values() if g.visits] + self._dropped:
             graph.collect()
-        update_emas()
+        self._dropped = []
+
+    def refresh(self) -> None:
+        """At the step's end, after the EMA update: every held graph's slots refreshed (or forgotten, where this
+        step did not visit it) and its cursor rewound."""
         for graph in self._graphs.values():
             graph.refresh()
-        self._dropped = []
 
     def give_up(self, error: Exception) -> None:
         """A capture failed: this engine's layers run eagerly from now on."""

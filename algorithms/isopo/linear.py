@@ -164,13 +164,9 @@ def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, p
         return None  # this step has visited the graph more times than it has slots: the eager path
     b, d_in, d_out = plan.graph_shape[:3]
     try:
-        if layout.has_padding or layout.pad_index is not None:
-            x_flat, d_flat, a3, d3 = padded_operands(x.reshape(-1, d_in), d.reshape(-1, d_out),
-                                                     layout.token_mask if layout.has_padding else None,
-                                                     layout.pad_index, b, layout.seq_len_max)
-        else:  # row r is sequence r: padded_operands without its checks
-            x_flat, d_flat = x.reshape(-1, d_in), d.reshape(-1, d_out)
-            a3, d3 = x_flat.view(b, -1, d_in), d_flat.view(b, -1, d_out)
+        x_flat, d_flat, a3, d3 = padded_operands(x.reshape(-1, d_in), d.reshape(-1, d_out),
+                                                 layout.token_mask if layout.has_padding else None,
+                                                 layout.pad_index, b, layout.seq_len_max)
         torch.bmm(d3.transpose(1, 2), a3, out=tail.g)
         if positions is not None:
             torch.index_select(x_flat, 0, positions, out=tail.a_k)
