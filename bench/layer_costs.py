@@ -39,10 +39,11 @@ PIECES = ("weight_grad", "per_seq_grads", "norms", "overlap", "ntk", "weighted_s
 whole layers as configured by default (the Triton kernels where usable)."""
 KERNEL_PIECES = ("gram_kernel", "weighted_sum_kernel", "damped_solve_kernel", "interacting_kernel",
                  "non_interacting_kernel", "layer_ni_triton", "layer_int_triton")
-"""Where ISOPO's Triton kernels are usable (CUDA): the kernels' versions of ntk / norms, weighted_sum and the
-B × B solve, the interacting rule from G (Gram partials, then tr K, λ and the solve in one program: ntk and
-interacting_solve together), the paper setting's weights from G and the overlap numerators (norms and the
-rest of the rule), and the whole layers with them (``IsopoConfig.triton_kernels=True``), side by side."""
+"""Where ISOPO's Triton kernels are usable (CUDA): the kernels' versions of ntk, weighted_sum and the B × B
+solve, the interacting rule from G (the Gram kernel, the partials' sum, then tr K, λ and the solve in one
+program: ntk and interacting_solve together), the paper setting's weights from the norms and the overlap
+numerators (the rest of the rule), and the whole layers with them (``IsopoConfig.triton_kernels=True``),
+side by side."""
 GRAPH_CALLS = 10
 """Calls of a piece captured into one graph for the ``graph`` timing."""
 GB = 1e9
@@ -111,12 +112,13 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
     by_kernel = {}
     if kernels.usable(flat):
         overlap_num = overlap_numerators(g, a_k, d_k)
+        norm = torch.linalg.vector_norm(flat, dim=1, dtype=stat)
         by_kernel = {
             "gram_kernel": lambda: kernels.gram(flat),
             "weighted_sum_kernel": lambda: kernels.weighted_sum(adv, flat),
             "damped_solve_kernel": lambda: kernels.damped_solve(ntk, adv, ntk.diagonal().mean()),
             "interacting_kernel": lambda: kernels.interacting_weights(flat, adv, None, 1.0),
-            "non_interacting_kernel": lambda: kernels.non_interacting_weights(flat, overlap_num, a_k, d_k, adv,
+            "non_interacting_kernel": lambda: kernels.non_interacting_weights(norm, overlap_num, a_k, d_k, adv,
                                                                               ni_cfg.p - ni_cfg.r, ni_cfg.q + ni_cfg.r),
             "layer_ni_triton": layer(ni_cfg.replace(triton_kernels=True), positions),
             "layer_int_triton": layer(int_cfg.replace(triton_kernels=True), None),

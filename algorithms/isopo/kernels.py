@@ -39,7 +39,15 @@ def _jit(fn):
 MAX_ROWS = 64
 """More sequences than this per micro-batch take the torch path: the Gram tile (rows × rows) grows as B²."""
 BLOCK = 256
-"""Columns of G per tile."""
+"""Columns of G per tile of the Gram kernel."""
+SUM_BLOCK = 1024
+"""Columns of G per program of the weighted-sum kernel: a pure read of G, which wants long rows per program
+(256, with the rows padded to 16, ran at a fifth of memory speed on an H200; BENCHMARKS.md, session 11).
+``python -m bench.kernel_configs`` times the alternatives on a GPU."""
+SUM_WARPS = 4
+ONE_PROGRAM_WARPS = 1
+"""Warps of the one-program kernels (the B × B solve and the weights): their work is a chain of small
+reductions over a 16 × 16 tile, each a barrier across warps when there are several."""
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -52,6 +60,11 @@ def usable(g: torch.Tensor) -> bool:
     and fewer than 2³¹ elements (the kernels index in int32)."""
     return (triton is not None and g.is_cuda and g.dtype in _DTYPES and g.dim() == 2
             and g.shape[0] <= MAX_ROWS and g.numel() < 2**31 and g.is_contiguous())
+
+
+def _rows(b: int) -> int:
+    # tl.arange takes a power of two; 2 at least, to stay clear of one-element blocks.
+    return max(2, triton.next_power_of_2(b))
 
 
 def _rows_padded(b: int) -> int:
@@ -139,30 +152,13 @@ def _damped_solve_kernel(k_ptr, adv_ptr, lam_ptr, out_ptr, B, ROWS: tl.constexpr
 
 
 @_jit
-def _sum_parts(part_ptr, P, ROWS: tl.constexpr, PARTS: tl.constexpr):
-    # The Gram kernel's P partials (P, ROWS, ROWS) summed, PARTS of them per load: (ROWS, ROWS) float32.
-    rows = tl.arange(0, ROWS)
-    parts = tl.arange(0, PARTS)
-    tile = rows[None, :, None] * ROWS + rows[None, None, :]
-    k = tl.zeros((ROWS, ROWS), dtype=tl.float32)
-    start = 0
-    while start < P:  # a while loop: Triton's interpreter cannot take range() over a run-time bound
-        index = start + parts
-        block = tl.load(part_ptr + index[:, None, None] * (ROWS * ROWS) + tile, mask=index[:, None, None] < P,
-                        other=0.0)
-        k += tl.sum(block, axis=0)
-        start += PARTS
-    return k
-
-
-@_jit
 def _row_norm_product_kernel(a_ptr, d_ptr, out_ptr, D_IN, D_OUT, BLOCK: tl.constexpr):
     # Program k: ‖δ_k‖ · ‖a_k‖ for row k of the overlap sample, float32 sums of squares.
     k = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     a_sq = tl.zeros((BLOCK,), dtype=tl.float32)
     start = 0
-    while start < D_IN:  # while loops: see _sum_parts
+    while start < D_IN:  # while loops: Triton's interpreter cannot take range() over a run-time bound
         x = tl.load(a_ptr + k * D_IN + start + cols, mask=start + cols < D_IN, other=0.0).to(tl.float32)
         a_sq += x * x
         start += BLOCK
@@ -182,24 +178,22 @@ def _power(x, e):
 
 
 @_jit
-def _non_interacting_kernel(part_ptr, P, num_ptr, prod_ptr, adv_ptr, out_ptr, B, K, EXP_N, EXP_O,
-                            HAS_N: tl.constexpr, HAS_O: tl.constexpr, ROWS: tl.constexpr, PARTS: tl.constexpr,
-                            KBLOCK: tl.constexpr):
-    # One program, the unregularised non-interacting rule w = A N^(p−r) O^(q+r) from the Gram partials (N² on
-    # their summed diagonal), the overlap numerators (B, K) and the sample's ‖δ_k‖·‖a_k‖ (K,); 0 where the
-    # rule gives NaN or ±inf, as torch.nan_to_num does on the torch path.
+def _non_interacting_kernel(norm_ptr, num_ptr, prod_ptr, adv_ptr, out_ptr, B, K, EXP_N, EXP_O, HAS_N: tl.constexpr,
+                            HAS_O: tl.constexpr, ROWS: tl.constexpr, KBLOCK: tl.constexpr):
+    # One program, the unregularised non-interacting rule w = A N^(p−r) O^(q+r) from the norms N (B,), the
+    # overlap numerators (B, K) and the sample's ‖δ_k‖·‖a_k‖ (K,); 0 where the rule gives NaN or ±inf, as
+    # torch.nan_to_num does on the torch path.
     rows = tl.arange(0, ROWS)
     w = tl.load(adv_ptr + rows, mask=rows < B, other=0.0).to(tl.float32)
     if HAS_N:
-        k = _sum_parts(part_ptr, P, ROWS, PARTS)
-        norm = tl.sqrt(tl.sum(tl.where(rows[:, None] == rows[None, :], k, 0.0), axis=1))
+        norm = tl.load(norm_ptr + rows, mask=rows < B, other=0.0).to(tl.float32)
         w = w * _power(norm, EXP_N)
     if HAS_O:
         cols = tl.arange(0, KBLOCK)
         num_sq = tl.zeros((ROWS,), dtype=tl.float32)
         den_sq = tl.zeros((KBLOCK,), dtype=tl.float32)
         start = 0
-        while start < K:
+        while start < K:  # a while loop: Triton's interpreter cannot take range() over a run-time bound
             inside = start + cols < K
             num = tl.load(num_ptr + rows[:, None] * K + start + cols[None, :],
                           mask=(rows[:, None] < B) & inside[None, :], other=0.0).to(tl.float32)
@@ -214,13 +208,12 @@ def _non_interacting_kernel(part_ptr, P, num_ptr, prod_ptr, adv_ptr, out_ptr, B,
 
 
 @_jit
-def _interacting_kernel(part_ptr, P, adv_ptr, ema_ptr, out_ptr, trace_ptr, B, c_lambda, HAS_EMA: tl.constexpr,
-                        ROWS: tl.constexpr, PARTS: tl.constexpr):
-    # One program, the whole interacting rule after the Gram kernel: the NTK as the sum of its partials (PARTS
-    # of them per load), tr K / B (stored: the statistic the EMA records), λ = c_λ · (EMA or tr K / B), then
-    # the damped solve.
+def _interacting_kernel(k_ptr, adv_ptr, ema_ptr, out_ptr, trace_ptr, B, c_lambda, HAS_EMA: tl.constexpr,
+                        ROWS: tl.constexpr):
+    # One program, the whole interacting rule from the NTK (a padded ROWS × ROWS tile): tr K / B (stored: the
+    # statistic the EMA records), λ = c_λ · (EMA or tr K / B), then the damped solve.
     rows = tl.arange(0, ROWS)
-    k = _sum_parts(part_ptr, P, ROWS, PARTS)
+    k = tl.load(k_ptr + rows[:, None] * ROWS + rows[None, :])
     eye = rows[:, None] == rows[None, :]
     mean_trace = tl.sum(tl.sum(tl.where(eye, k, 0.0), axis=1), axis=0) / B
     tl.store(trace_ptr, mean_trace)
@@ -249,7 +242,8 @@ def weighted_sum(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Σ_i w_i g_i for g (B, N) and w (B,), accumulated in float32, in g's dtype: (N,)."""
     b, n = g.shape
     out = torch.empty(n, dtype=g.dtype, device=g.device)
-    _weighted_sum_kernel[(triton.cdiv(n, BLOCK),)](g, w.contiguous(), out, b, n, ROWS=_rows_padded(b), BLOCK=BLOCK)
+    _weighted_sum_kernel[(triton.cdiv(n, SUM_BLOCK),)](g, w.contiguous(), out, b, n, ROWS=_rows(b),
+                                                       BLOCK=SUM_BLOCK, num_warps=SUM_WARPS)
     return out
 
 
@@ -272,18 +266,17 @@ def gram(g: torch.Tensor) -> torch.Tensor:
 
 def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Tensor | None,
                         c_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The interacting rule from the per-sequence gradients g (B, N) in two kernels, the Gram kernel and one
-    program for the rest: (Ã = λ (K + λI)⁻¹ A in float32, tr K / B) with λ = c_λ · ema_trace, or c_λ · tr K / B
-    where there is no EMA yet (``weights.interacting_weights``, the torch path, computes the same)."""
+    """The interacting rule from the per-sequence gradients g (B, N): the Gram kernel, torch's sum of its
+    partials (one parallel reduction; one program summing them ran 40 µs a layer on an H200), and one program
+    for the rest: (Ã = λ (K + λI)⁻¹ A in float32, tr K / B) with λ = c_λ · ema_trace, or c_λ · tr K / B where
+    there is no EMA yet (``weights.interacting_weights``, the torch path, computes the same)."""
     b = g.shape[0]
-    parts = gram_parts(g)
-    rows = parts.shape[1]
+    ntk = gram_parts(g).sum(0)  # (R, R), zero outside the top-left (B, B) block
     w = torch.empty(b, dtype=torch.float32, device=g.device)
     trace = torch.empty((), dtype=torch.float32, device=g.device)
     has_ema = ema_trace is not None
-    _interacting_kernel[(1,)](parts, parts.shape[0], adv.contiguous(), ema_trace if has_ema else trace, w, trace,
-                              b, float(c_lambda), HAS_EMA=has_ema, ROWS=rows,
-                              PARTS=max(1, 4096 // (rows * rows)))
+    _interacting_kernel[(1,)](ntk, adv.contiguous(), ema_trace if has_ema else trace, w, trace, b, float(c_lambda),
+                              HAS_EMA=has_ema, ROWS=ntk.shape[0], num_warps=ONE_PROGRAM_WARPS)
     return w, trace
 
 
@@ -293,31 +286,29 @@ def damped_solve(k: torch.Tensor, adv: torch.Tensor, lam: torch.Tensor) -> torch
     fails. In k's dtype: (B,)."""
     b = k.shape[0]
     out = torch.empty(b, dtype=k.dtype, device=k.device)
-    _damped_solve_kernel[(1,)](k.contiguous(), adv.contiguous(), lam.reshape(1), out, b, ROWS=_rows_padded(b))
+    _damped_solve_kernel[(1,)](k.contiguous(), adv.contiguous(), lam.reshape(1), out, b, ROWS=_rows_padded(b),
+                               num_warps=ONE_PROGRAM_WARPS)
     return out
 
 
-def non_interacting_weights(g: torch.Tensor, overlap_num: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor,
-                            adv: torch.Tensor, exp_norm: float, exp_overlap: float) -> torch.Tensor:
+def non_interacting_weights(norm: torch.Tensor | None, overlap_num: torch.Tensor, a_k: torch.Tensor,
+                            d_k: torch.Tensor, adv: torch.Tensor, exp_norm: float, exp_overlap: float) -> torch.Tensor:
     """The unregularised non-interacting rule w = A N^exp_norm O^exp_overlap (``weights.non_interacting_weights``
-    with no regularisation: exp_norm = p − r, exp_overlap = q + r) in three kernels: the Gram kernel over g
-    (B, N) for the norms (not read where exp_norm = 0), ‖δ_k‖·‖a_k‖ for the sample rows a_k (K, in) and
-    d_k (K, out), and one program for the rest. overlap_num: (B, K) δ_kᵀ G_i a_k. In float32: (B,)."""
+    with no regularisation: exp_norm = p − r, exp_overlap = q + r) in two kernels: ‖δ_k‖·‖a_k‖ for the sample
+    rows a_k (K, in) and d_k (K, out), and one program for the rest. norm: (B,) N_i = ‖G_i‖ (None where
+    exp_norm = 0; torch's vector norm reads G at memory speed, the Gram kernel at half of it on an H200);
+    overlap_num: (B, K) δ_kᵀ G_i a_k. In float32: (B,)."""
     b, k = overlap_num.shape
     has_norm, has_overlap = exp_norm != 0, exp_overlap != 0
     w = torch.empty(b, dtype=torch.float32, device=overlap_num.device)
-    rows = _rows_padded(b)
-    if has_norm:
-        parts = gram_parts(g)
-    else:
-        parts = w  # not read
-    prod = w
+    rows = _rows(b)
+    prod = w  # not read
     if has_overlap:
         prod = torch.empty(k, dtype=torch.float32, device=overlap_num.device)
         a_k, d_k = a_k.contiguous(), d_k.contiguous()
         _row_norm_product_kernel[(k,)](a_k, d_k, prod, a_k.shape[1], d_k.shape[1], BLOCK=BLOCK)
-    _non_interacting_kernel[(1,)](parts, parts.shape[0] if has_norm else 0, overlap_num.contiguous(), prod,
+    _non_interacting_kernel[(1,)](norm.contiguous() if has_norm else w, overlap_num.contiguous(), prod,
                                   adv.contiguous(), w, b, k, float(exp_norm), float(exp_overlap), HAS_N=has_norm,
-                                  HAS_O=has_overlap, ROWS=rows, PARTS=max(1, 4096 // (rows * rows)),
-                                  KBLOCK=max(16, min(256, 4096 // rows)))
+                                  HAS_O=has_overlap, ROWS=rows, KBLOCK=max(16, min(256, 4096 // rows)),
+                                  num_warps=ONE_PROGRAM_WARPS)
     return w

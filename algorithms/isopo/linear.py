@@ -259,15 +259,16 @@ def tail_update(
     stat_dtype = _stat_dtype(g.dtype)
     recorded: dict[str, torch.Tensor] = {}
     flat = g.view(g.shape[0], -1)
-    # With the kernels, from G to the weights in two Triton kernels (interacting: Gram partials, then their
-    # sum, tr K, λ and the solve in one program) or, for the named settings (no regularisation), the overlap's
-    # matmuls and three: a graph of a handful of nodes instead of the torch path's ~20 tiny kernels (one
-    # replay cost the H100's host 62 µs with those; BENCHMARKS.md, session 9).
+    # With the kernels, from G to the weights in a handful of kernels (interacting: the Gram kernel, the sum of
+    # its partials, then tr K, λ and the solve in one program; for the named settings, with no regularisation:
+    # the norms, the overlap's matmuls and two) instead of the torch path's ~20 tiny ones, each of which costs
+    # the GPU a few µs even inside a graph (BENCHMARKS.md, sessions 9 and 11).
     fused = cfg.kernels_enabled and stat_dtype == torch.float32 and kernels.usable(flat)
     if fused and a_k is None:
         w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
     elif fused and unregularised(cfg):
-        w = kernels.non_interacting_weights(flat, overlap_numerators(g, a_k, d_k), a_k, d_k, adv, cfg.p - cfg.r,
+        norm = torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype) if cfg.p != cfg.r else None
+        w = kernels.non_interacting_weights(norm, overlap_numerators(g, a_k, d_k), a_k, d_k, adv, cfg.p - cfg.r,
                                             cfg.q + cfg.r)
     else:
         stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg),

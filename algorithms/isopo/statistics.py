@@ -97,16 +97,14 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, nee
 def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | None, stat_dtype: torch.dtype,
                fp32_gram: bool = False, need_norm: bool = True, use_kernels: bool = False) -> LayerStats:
     """The statistics from the per-sequence gradients g (B, out, in) formed in one piece; a_k is None for
-    the interacting variant. use_kernels: the Gram matrix (and the norms as its diagonal) by the Triton
-    kernel where ``kernels.usable`` (``IsopoConfig.triton_kernels``)."""
+    the interacting variant. use_kernels: the NTK by the Triton Gram kernel where ``kernels.usable``
+    (``IsopoConfig.triton_kernels``); the norms stay torch's, which reads G at memory speed."""
     flat = g.view(g.shape[0], -1)
-    by_kernel = use_kernels and stat_dtype == torch.float32 and kernels.usable(flat)
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
+        by_kernel = use_kernels and stat_dtype == torch.float32 and kernels.usable(flat)
         ntk = kernels.gram(flat) if by_kernel else gram_matrix(flat, stat_dtype, fp32_gram)
         return LayerStats(norm=None, overlap_num=None, ntk=ntk)
-    norm, overlap_num = _block_stats(g, a_k, d_k, stat_dtype, need_norm and not by_kernel)
-    if need_norm and by_kernel:
-        norm = kernels.gram(flat).diagonal().sqrt()
+    norm, overlap_num = _block_stats(g, a_k, d_k, stat_dtype, need_norm)
     return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None)
 
 

@@ -1,0 +1,129 @@
+"""Launch parameters of ISOPO's Triton kernels (``algorithms/isopo/kernels.py``), timed on this GPU.
+
+The kernels' block sizes and warp counts are module constants, chosen once from this table rather than
+autotuned at run time (an autotuner's choice follows timing noise, and the Gram kernel's summation order
+follows its block size). For every linear shape of a preset model it times, from CUDA-graph replays (the
+GPU alone, as ``layer-costs`` does), the torch operation each kernel stands in for and the kernel at each
+candidate setting; the step column sums a row over the model's decoder layers.
+
+    python -m bench.kernel_configs [--model qwen3-0.6b] [--batch 8] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+
+from algorithms.isopo import kernels
+from algorithms.isopo.statistics import gram_matrix, gram_out_dtype_supported
+
+from .layer_costs import linear_shapes, replay_us
+from .overhead import OverheadError, check_model_and_device
+
+SUM_SETTINGS = [(block, warps) for block in (512, 1024, 2048, 4096) for warps in (2, 4, 8)]
+GRAM_BLOCKS = (128, 256, 512)
+ONE_PROGRAM_WARPS = (1, 2, 4)
+
+
+@contextlib.contextmanager
+def constants(**values) -> Iterator[None]:
+    """``kernels``' module constants set to ``values`` for the block, then restored."""
+    old = {name: getattr(kernels, name) for name in values}
+    for name, value in values.items():
+        setattr(kernels, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(kernels, name, value)
+
+
+def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
+               dtype: torch.dtype = torch.bfloat16) -> dict[str, Callable[[], object]]:
+    """One closure per (operation, setting) over random per-sequence gradients of this shape (bf16, as under
+    the benchmark's autocast; the tests run them in Triton's interpreter on CPU tensors)."""
+    gen = torch.Generator(device="cpu").manual_seed(d_in * 7919 + d_out)
+    flat = torch.randn(b, d_in * d_out, generator=gen).to(device, dtype)
+    w = torch.randn(b, generator=gen).to(device)
+    ntk = gram_matrix(flat, torch.float32, gram_out_dtype_supported(flat))
+    lam = ntk.diagonal().mean()
+
+    def under(fn, **values):
+        def call():
+            with constants(**values):
+                return fn()
+        return call
+
+    out: dict[str, Callable[[], object]] = {
+        "weighted_sum torch": lambda: w.to(flat.dtype) @ flat,
+        "norms torch": lambda: torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32),
+        "ntk torch": lambda: gram_matrix(flat, torch.float32, gram_out_dtype_supported(flat)),
+    }
+    for block, warps in SUM_SETTINGS:
+        out[f"weighted_sum block={block} warps={warps}"] = under(lambda: kernels.weighted_sum(w, flat),
+                                                                 SUM_BLOCK=block, SUM_WARPS=warps)
+    for block in GRAM_BLOCKS:
+        out[f"gram block={block}"] = under(lambda: kernels.gram(flat), BLOCK=block)
+    for warps in ONE_PROGRAM_WARPS:
+        out[f"damped_solve warps={warps}"] = under(lambda: kernels.damped_solve(ntk, w, lam), ONE_PROGRAM_WARPS=warps)
+        out[f"interacting_weights warps={warps}"] = under(lambda: kernels.interacting_weights(flat, w, None, 1.0),
+                                                          ONE_PROGRAM_WARPS=warps)
+    return out
+
+
+def measure(model: str, batch: int, repeats: int) -> dict[str, dict]:
+    """{candidate: {"us": [per shape], "step_ms": summed over the decoder layers}}, shapes as ``linear_shapes``."""
+    shapes = linear_shapes(model)
+    table: dict[str, dict] = {}
+    for (d_in, d_out), count in shapes.items():
+        for name, fn in candidates(batch, d_in, d_out).items():
+            try:
+                us = replay_us(fn, repeats, warmup=3)
+            except Exception as e:  # noqa: BLE001 - a setting that does not compile here: report it, go on
+                print(f"warning: {name} at {d_in}>{d_out} failed: {type(e).__name__}", flush=True)
+                us = float("nan")
+            row = table.setdefault(name, {"us": [], "step_ms": 0.0})
+            row["us"].append(us)
+            row["step_ms"] += us * count / 1e3
+        torch.cuda.empty_cache()
+    return table
+
+
+def report(table: dict[str, dict], shapes: dict[tuple[int, int], int], device_name: str) -> str:
+    heads = [f"{i}>{o} ×{n}" for (i, o), n in shapes.items()]
+    width = max(len(name) for name in table)
+    lines = [f"kernel settings: {device_name}; µs per call from graph replays, step ms over the decoder layers",
+             f"{'candidate':<{width}}" + "".join(f"{h:>16}" for h in heads) + f"{'step ms':>10}"]
+    for name, row in table.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{us:>16.1f}" for us in row["us"]) + f"{row['step_ms']:>10.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kernel_configs", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    try:
+        check_model_and_device(args.model, "cuda")
+        if not kernels.available():
+            raise OverheadError("Triton is not installed: there are no kernels to time")
+        if not 1 <= args.batch <= kernels.MAX_ROWS:
+            raise OverheadError(f"--batch must be in 1..{kernels.MAX_ROWS}; got {args.batch}")
+        if args.repeats < 1:
+            raise OverheadError(f"--repeats must be a positive integer; got {args.repeats}")
+    except OverheadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shapes = linear_shapes(args.model)
+    print(report(measure(args.model, args.batch, args.repeats), shapes, torch.cuda.get_device_name()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""bench.kernel_configs: its settings restore the kernels' constants, its table, and its refusals (it times on
+a CUDA GPU only; the timings themselves are taken by bench/device_check.sh on a lent one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from algorithms.isopo import kernels
+from bench import kernel_configs
+
+
+def test_constants_are_set_inside_the_block_and_restored_after_it_even_on_error():
+    before = (kernels.SUM_BLOCK, kernels.SUM_WARPS, kernels.ONE_PROGRAM_WARPS)
+    with kernel_configs.constants(SUM_BLOCK=4096, ONE_PROGRAM_WARPS=4):
+        assert (kernels.SUM_BLOCK, kernels.ONE_PROGRAM_WARPS) == (4096, 4)
+    with pytest.raises(RuntimeError), kernel_configs.constants(SUM_WARPS=2):
+        raise RuntimeError
+    assert (kernels.SUM_BLOCK, kernels.SUM_WARPS, kernels.ONE_PROGRAM_WARPS) == before
+
+
+def test_the_weighted_sum_kernel_gives_the_same_numbers_at_every_candidate_setting():
+    """A setting changes the speed only: each column's sum over the rows is the same at every block size."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.randn(8, 5000, generator=torch.Generator().manual_seed(0)).to(device)
+    w = torch.randn(8, generator=torch.Generator().manual_seed(1)).to(device)
+    results = []
+    for block, warps in kernel_configs.SUM_SETTINGS[::4]:
+        with kernel_configs.constants(SUM_BLOCK=block, SUM_WARPS=warps):
+            results.append(kernels.weighted_sum(w, g))
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+    torch.testing.assert_close(results[0].double(), w.double() @ g.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_report_lays_out_one_row_per_candidate_and_the_step_sum():
+    table = {"weighted_sum torch": {"us": [50.0, 22.5], "step_ms": 2.66},
+             "weighted_sum block=1024 warps=4": {"us": [12.0, float("nan")], "step_ms": float("nan")}}
+    text = kernel_configs.report(table, {(1024, 3072): 28, (1024, 1024): 56}, "Some GPU")
+    lines = text.splitlines()
+    assert "Some GPU" in lines[0] and "1024>3072 ×28" in lines[1] and "step ms" in lines[1]
+    assert lines[2].split()[-3:] == ["50.0", "22.5", "2.66"]
+    assert lines[3].split()[-1] == "nan" and len(lines) == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_without_cuda_it_says_so_and_exits_2(capsys):
+    assert kernel_configs.main(["--model", "tiny"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_an_unknown_model_is_named_with_the_valid_presets(capsys):
+    assert kernel_configs.main(["--model", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model preset 'nope'" in err and "qwen3-0.6b" in err
+
+
+def test_every_candidate_runs_and_the_kernels_agree_with_their_torch_operation():
+    """Each closure the GPU table times, here on CPU tensors in Triton's interpreter (float32): every setting
+    compiles and runs, and each kernel's result matches the torch operation it stands in for."""
+    found = kernel_configs.candidates(8, 24, 40, device="cpu", dtype=torch.float32)
+    results = {name: fn() for name, fn in found.items()}
+    assert len(found) == 3 + len(kernel_configs.SUM_SETTINGS) + len(kernel_configs.GRAM_BLOCKS) \
+        + 2 * len(kernel_configs.ONE_PROGRAM_WARPS)
+    for name, got in results.items():
+        if name.startswith("weighted_sum block"):
+            torch.testing.assert_close(got, results["weighted_sum torch"], rtol=1e-5, atol=1e-5)
+        elif name.startswith("gram"):
+            torch.testing.assert_close(got, results["ntk torch"], rtol=1e-5, atol=1e-4)
+    solves = [v for k, v in results.items() if k.startswith("damped_solve")]
+    assert all(torch.equal(s, solves[0]) for s in solves[1:])
