@@ -155,9 +155,9 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="ISOPO modes run each layer through torch.compile (IsopoConfig.compile; the warm-up "
                         "round compiles)")
-    p.add_argument("--triton-kernels", dest="triton_kernels", action=argparse.BooleanOptionalAction, default=False,
-                   help="ISOPO modes form G's Gram matrix (NTK, norms) and weighted sum, and solve the interacting "
-                        "B×B system, with Triton kernels on CUDA (IsopoConfig.triton_kernels; default: off)")
+    p.add_argument("--triton-kernels", dest="triton_kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="ISOPO modes form the NTK, the weights and the weighted sum with Triton kernels on CUDA "
+                        "(IsopoConfig.triton_kernels; default: on; --no-triton-kernels: the torch path)")
     p.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="ISOPO modes replay each layer's small-tensor tail as one CUDA graph per shape "
                         "(IsopoConfig.cuda_graphs; the warm-up rounds capture; default: on with --device cuda "

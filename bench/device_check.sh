@@ -5,11 +5,11 @@
 #      CUDA-graph tails against the eager layers (tests/test_isopo_device.py); the Triton kernels against
 #      float64 and, inside the engine, against the torch path (tests/test_kernels.py);
 #   2. `python -m bench overhead` at Qwen3-0.6B shapes, B=8, T=1024, bf16 autocast, every mode (hooks too),
-#      ISOPO's layer tails as CUDA graphs (the default on CUDA), and on CUDA isopo_ni:paper and isopo_int
-#      +triton too (the tails from G to the weights as two or three Triton kernels);
+#      ISOPO's layer tails as CUDA graphs and the passes over G as Triton kernels (both the default on CUDA),
+#      and on CUDA isopo_ni:paper and isopo_int +cublas too (the torch path: cuBLAS, cuSOLVER);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
-#      interleaved in one process with the same two ISOPO modes +eager (every layer eager) and +triton (the
-#      Triton kernels), then one profiled step per mode (profile.txt: where the host's and the device's time
+#      interleaved in one process with the same two ISOPO modes +eager (every layer eager) and +cublas (the
+#      torch path), then one profiled step per mode (profile.txt: where the host's and the device's time
 #      goes);
 #   4. only with COMPILE=1: step 3's three modes with --compile (two warm-up rounds, which compile), stopped
 #      after COMPILE_TIMEOUT s (150);
@@ -63,8 +63,8 @@ three=reinforce,isopo_ni:paper,isopo_int
 switched=$three
 every=reinforce,isopo_ni:paper,isopo_ni:overlap,isopo_ni:rel_overlap,isopo_int,isopo_ni_hooks,isopo_int_hooks
 if [ "$device" = cuda ]; then
-    switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+triton,isopo_int+triton
-    every=$every,isopo_ni:paper+triton,isopo_int+triton
+    switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+cublas,isopo_int+cublas
+    every=$every,isopo_ni:paper+cublas,isopo_int+cublas
 fi
 overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>&1 | tee -a "$out/overhead.log"; }
 overhead --repeats "$repeats" --modes "$every" --json "$out/$stem.json" || status=1

@@ -24,9 +24,9 @@ from algorithms.isopo.statistics import gram_matrix, gram_out_dtype_supported
 from .layer_costs import linear_shapes, replay_us
 from .overhead import OverheadError, check_model_and_device
 
-SUM_SETTINGS = [(block, warps) for block in (512, 1024, 2048, 4096) for warps in (2, 4, 8)]
-GRAM_BLOCKS = (128, 256, 512)
-ONE_PROGRAM_WARPS = (1, 2, 4)
+SUM_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (2, 4, 8)]
+GRAM_SETTINGS = [(block, warps, stages) for block in (256, 512) for warps in (4, 8) for stages in (2, 3, 4)]
+WARPS = (1, 2, 4)
 
 
 @contextlib.contextmanager
@@ -66,12 +66,14 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     for block, warps in SUM_SETTINGS:
         out[f"weighted_sum block={block} warps={warps}"] = under(lambda: kernels.weighted_sum(w, flat),
                                                                  SUM_BLOCK=block, SUM_WARPS=warps)
-    for block in GRAM_BLOCKS:
-        out[f"gram block={block}"] = under(lambda: kernels.gram(flat), BLOCK=block)
-    for warps in ONE_PROGRAM_WARPS:
-        out[f"damped_solve warps={warps}"] = under(lambda: kernels.damped_solve(ntk, w, lam), ONE_PROGRAM_WARPS=warps)
+    for block, warps, stages in GRAM_SETTINGS:
+        out[f"gram block={block} warps={warps} stages={stages}"] = under(lambda: kernels.gram(flat), BLOCK=block,
+                                                                         GRAM_WARPS=warps, GRAM_STAGES=stages)
+    for warps in WARPS:
+        out[f"damped_solve warps={warps}"] = under(lambda: kernels.damped_solve(ntk, w, lam), SOLVE_WARPS=warps)
+    for warps in WARPS:
         out[f"interacting_weights warps={warps}"] = under(lambda: kernels.interacting_weights(flat, w, None, 1.0),
-                                                          ONE_PROGRAM_WARPS=warps)
+                                                          WEIGHTS_WARPS=warps)
     return out
 
 

@@ -123,9 +123,9 @@ class Options:
     """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     compile: bool = False
     """ISOPO modes run each layer's computation through torch.compile (``IsopoConfig.compile``)."""
-    triton_kernels: bool = False
-    """ISOPO modes run G's Gram matrix, the weighted sum and the interacting solve as Triton kernels on CUDA
-    (``IsopoConfig.triton_kernels``)."""
+    triton_kernels: bool = True
+    """ISOPO modes run the statistics' passes over G, the weights and the weighted sum as Triton kernels on
+    CUDA (``IsopoConfig.triton_kernels``, on by default; False: the torch path)."""
     cuda_graphs: bool | None = None
     """ISOPO modes replay each layer's tail as a CUDA graph (``IsopoConfig.cuda_graphs``; CUDA only). None:
     on with ``--device cuda`` unless ``--compile``, as ``IsopoConfig``'s default."""
@@ -436,7 +436,7 @@ class Mode:
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
                  chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False, strategy: str = "auto",
-                 cuda_graphs: bool = False, triton_kernels: bool = False):
+                 cuda_graphs: bool = False, triton_kernels: bool = True):
         from .hooks_baseline import HooksIsopo
 
         self.name = name

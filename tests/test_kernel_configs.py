@@ -11,12 +11,12 @@ from bench import kernel_configs
 
 
 def test_constants_are_set_inside_the_block_and_restored_after_it_even_on_error():
-    before = (kernels.SUM_BLOCK, kernels.SUM_WARPS, kernels.ONE_PROGRAM_WARPS)
-    with kernel_configs.constants(SUM_BLOCK=4096, ONE_PROGRAM_WARPS=4):
-        assert (kernels.SUM_BLOCK, kernels.ONE_PROGRAM_WARPS) == (4096, 4)
+    before = (kernels.SUM_BLOCK, kernels.SUM_WARPS, kernels.SOLVE_WARPS)
+    with kernel_configs.constants(SUM_BLOCK=4096, SOLVE_WARPS=2):
+        assert (kernels.SUM_BLOCK, kernels.SOLVE_WARPS) == (4096, 2)
     with pytest.raises(RuntimeError), kernel_configs.constants(SUM_WARPS=2):
         raise RuntimeError
-    assert (kernels.SUM_BLOCK, kernels.SUM_WARPS, kernels.ONE_PROGRAM_WARPS) == before
+    assert (kernels.SUM_BLOCK, kernels.SUM_WARPS, kernels.SOLVE_WARPS) == before
 
 
 def test_the_weighted_sum_kernel_gives_the_same_numbers_at_every_candidate_setting():
@@ -25,7 +25,7 @@ def test_the_weighted_sum_kernel_gives_the_same_numbers_at_every_candidate_setti
     g = torch.randn(8, 5000, generator=torch.Generator().manual_seed(0)).to(device)
     w = torch.randn(8, generator=torch.Generator().manual_seed(1)).to(device)
     results = []
-    for block, warps in kernel_configs.SUM_SETTINGS[::4]:
+    for block, warps in kernel_configs.SUM_SETTINGS:
         with kernel_configs.constants(SUM_BLOCK=block, SUM_WARPS=warps):
             results.append(kernels.weighted_sum(w, g))
     assert all(torch.equal(r, results[0]) for r in results[1:])
@@ -55,12 +55,13 @@ def test_an_unknown_model_is_named_with_the_valid_presets(capsys):
 
 
 def test_every_candidate_runs_and_the_kernels_agree_with_their_torch_operation():
-    """Each closure the GPU table times, here on CPU tensors in Triton's interpreter (float32): every setting
-    compiles and runs, and each kernel's result matches the torch operation it stands in for."""
-    found = kernel_configs.candidates(8, 24, 40, device="cpu", dtype=torch.float32)
+    """Each closure the GPU table times, in float32 (without a GPU on CPU tensors, in Triton's interpreter):
+    every setting compiles and runs, and each kernel's result matches the torch operation it stands in for."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    found = kernel_configs.candidates(8, 24, 40, device=device, dtype=torch.float32)
     results = {name: fn() for name, fn in found.items()}
-    assert len(found) == 3 + len(kernel_configs.SUM_SETTINGS) + len(kernel_configs.GRAM_BLOCKS) \
-        + 2 * len(kernel_configs.ONE_PROGRAM_WARPS)
+    assert len(found) == 3 + len(kernel_configs.SUM_SETTINGS) + len(kernel_configs.GRAM_SETTINGS) \
+        + 2 * len(kernel_configs.WARPS)
     for name, got in results.items():
         if name.startswith("weighted_sum block"):
             torch.testing.assert_close(got, results["weighted_sum torch"], rtol=1e-5, atol=1e-5)

@@ -77,7 +77,7 @@ def test_cli_writes_json_of_the_exact_schema_with_every_mode(tmp_path):
     assert doc["config"]["malloc"] == "retain" and "heap retain" in proc.stdout
     assert doc["config"]["lm_head"] == "all" and "LM head on every position" in proc.stdout
     assert doc["config"]["cuda_graphs"] is False  # the default is on for CUDA only
-    assert doc["config"]["triton_kernels"] is False
+    assert doc["config"]["triton_kernels"] is True
     check_results(doc["results"], MODES)
     # The table on stdout names every mode; no temporary file is left behind.
     assert all(mode in proc.stdout for mode in MODES)
@@ -404,7 +404,8 @@ def test_mode_switches_run_both_sides_of_a_switch_in_one_process(tmp_path, monke
 
     assert split_mode("isopo_int+triton+eager") == ("isopo_int", {"triton_kernels": True, "cuda_graphs": False})
     model = tiny_qwen3()
-    mode = Mode("isopo_int+triton+eager", model, None, nullcontext, num_samples=4, cuda_graphs=True)
+    mode = Mode("isopo_int+triton+eager", model, None, nullcontext, num_samples=4, cuda_graphs=True,
+                triton_kernels=False)
     assert mode.engine.cfg.triton_kernels is True and mode.engine.graphs is None
     mode = Mode("isopo_ni:paper+graphs+cublas", model, None, nullcontext, num_samples=4, triton_kernels=True)
     assert mode.engine.cfg.triton_kernels is False and mode.engine.graphs is not None

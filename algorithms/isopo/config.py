@@ -62,15 +62,15 @@ class IsopoConfig:
     a few fused kernels instead of ~30 small ones, for GPUs where launching them is what costs. The first
     backward compiles (seconds to minutes); layers whose G is formed in chunks stay eager; if compiling
     fails the layers run eagerly, with a warning."""
-    triton_kernels: bool = False
-    """On CUDA, G's Gram matrix (the NTK, or the norms N_i as its diagonal) and the weighted sum Σ_i w_i G_i
-    through the Triton kernels of ``kernels.py``, one read of G each, instead of cuBLAS's split-K matmul and
-    matrix–vector product, and for the interacting variant everything from the Gram matrix to the weights
-    (its sum, tr K, λ, the B × B solve) in one Triton program. Off by default: on an H100 at Qwen3-0.6B shapes
-    the step was slower with them (1.19× → 1.24× of REINFORCE, BENCHMARKS.md, measured before the weighted sum
-    and the solve joined the graphed tail), the Python launch of each kernel costing the host more than the
-    kernels save the GPU. Needs Triton (part of CUDA builds of torch) and B ≤ 64; otherwise, for float64
-    or CPU tensors, and under `compile`, the torch path runs."""
+    triton_kernels: bool = True
+    """On CUDA, from the per-sequence gradients G to the weights and the weighted sum Σ_i w_i G_i through the
+    Triton kernels of ``kernels.py``: the NTK by a Gram kernel that reads G once (cuBLAS's split-K matmul
+    reads it far slower), the B × B solve and, for the named settings, the non-interacting weights each in
+    one program, the weighted sum in one read of G. On by default: on an H200 at Qwen3-0.6B shapes they cut
+    the layers' GPU time per step from 37.5 to 24.2 ms (non-interacting) and from 44.1 to 23.3 ms
+    (interacting), and the step from 1.27× to 1.15× of REINFORCE for the interacting variant (BENCHMARKS.md,
+    session 11). Needs Triton (part of CUDA builds of torch) and B ≤ 64; otherwise, for float64 or CPU
+    tensors, and under `compile`, the torch path runs. False: the torch path everywhere."""
     cuda_graphs: bool | None = None
     """On CUDA, replay the small-tensor tail of each layer's backward (statistics from the per-sequence
     gradients, weights) as one captured CUDA graph per layer shape instead of launching its ~15 kernels one

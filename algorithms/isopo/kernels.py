@@ -10,9 +10,8 @@ loads a (B, BLOCK) tile at a time, the Gram kernel multiplies it with its own tr
 B × B partial per program (summed afterwards: deterministic, no atomics), the weighted-sum kernel reduces
 it over B in float32.
 
-Used for CUDA tensors (``usable``) when ``IsopoConfig.triton_kernels`` is set (off by default: on an H100 the
-step was slower with them, their Python launches costing the host more than they save the GPU; BENCHMARKS.md)
-and Triton is installed (it comes with CUDA builds of torch). With TRITON_INTERPRET=1 in the environment
+Used for CUDA tensors (``usable``) when ``IsopoConfig.triton_kernels`` is set (the default: on an H200 they
+cut the layers' GPU time by a third to a half; BENCHMARKS.md, session 11) and Triton is installed (it comes with CUDA builds of torch). With TRITON_INTERPRET=1 in the environment
 before Triton is first imported (the test suite sets it where there is no GPU), the same kernels run on CPU
 tensors in Triton's interpreter: the check of their indexing and masking without a GPU. bf16 is the
 interpreter's weak spot (NumPy has no bf16): there the tests use float32 and float16, and a GPU host's
@@ -40,14 +39,20 @@ MAX_ROWS = 64
 """More sequences than this per micro-batch take the torch path: the Gram tile (rows × rows) grows as B²."""
 BLOCK = 256
 """Columns of G per tile of the Gram kernel."""
+GRAM_WARPS = 4
+GRAM_STAGES = 3
+"""The Gram kernel's warps and software-pipeline depth (Triton's defaults): it reads G at ~1.4 TB/s on an
+H200, a third of memory speed; ``python -m bench.kernel_configs`` times the alternatives."""
 SUM_BLOCK = 1024
 """Columns of G per program of the weighted-sum kernel: a pure read of G, which wants long rows per program
 (256, with the rows padded to 16, ran at a fifth of memory speed on an H200; BENCHMARKS.md, session 11).
 ``python -m bench.kernel_configs`` times the alternatives on a GPU."""
 SUM_WARPS = 4
-ONE_PROGRAM_WARPS = 1
-"""Warps of the one-program kernels (the B × B solve and the weights): their work is a chain of small
-reductions over a 16 × 16 tile, each a barrier across warps when there are several."""
+SOLVE_WARPS = 4
+"""Warps of the B × B solve's one program (``damped_solve``): 4 ran it in 25 µs on an H200, 1 in 43 µs."""
+WEIGHTS_WARPS = 1
+"""Warps of the one program from the statistics to the weights (``interacting_weights``: tr K, λ and the
+solve; ``non_interacting_weights``): 1 to 4 ran alike on an H200 (BENCHMARKS.md, session 11)."""
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -208,12 +213,13 @@ def _non_interacting_kernel(norm_ptr, num_ptr, prod_ptr, adv_ptr, out_ptr, B, K,
 
 
 @_jit
-def _interacting_kernel(k_ptr, adv_ptr, ema_ptr, out_ptr, trace_ptr, B, c_lambda, HAS_EMA: tl.constexpr,
+def _interacting_kernel(k_ptr, adv_ptr, ema_ptr, out_ptr, trace_ptr, B, STRIDE, c_lambda, HAS_EMA: tl.constexpr,
                         ROWS: tl.constexpr):
-    # One program, the whole interacting rule from the NTK (a padded ROWS × ROWS tile): tr K / B (stored: the
-    # statistic the EMA records), λ = c_λ · (EMA or tr K / B), then the damped solve.
+    # One program, the whole interacting rule from the NTK (its rows STRIDE apart): tr K / B (stored: the
+    # statistic the EMA records), λ = c_λ · (EMA or tr K / B), then the damped solve on a ROWS × ROWS tile.
     rows = tl.arange(0, ROWS)
-    k = tl.load(k_ptr + rows[:, None] * ROWS + rows[None, :])
+    inside = (rows[:, None] < B) & (rows[None, :] < B)
+    k = tl.load(k_ptr + rows[:, None] * STRIDE + rows[None, :], mask=inside, other=0.0)
     eye = rows[:, None] == rows[None, :]
     mean_trace = tl.sum(tl.sum(tl.where(eye, k, 0.0), axis=1), axis=0) / B
     tl.store(trace_ptr, mean_trace)
@@ -254,7 +260,8 @@ def gram_parts(g: torch.Tensor) -> torch.Tensor:
     rows, steps = _rows_padded(b), _steps(n, g.device)
     programs = triton.cdiv(n, BLOCK * steps)
     parts = torch.empty(programs, rows, rows, dtype=torch.float32, device=g.device)
-    _gram_kernel[(programs,)](g, parts, b, n, ROWS=rows, BLOCK=BLOCK, STEPS=steps, IEEE=g.dtype == torch.float32)
+    _gram_kernel[(programs,)](g, parts, b, n, ROWS=rows, BLOCK=BLOCK, STEPS=steps, IEEE=g.dtype == torch.float32,
+                              num_warps=GRAM_WARPS, num_stages=GRAM_STAGES)
     return parts
 
 
@@ -275,8 +282,10 @@ def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Ten
     w = torch.empty(b, dtype=torch.float32, device=g.device)
     trace = torch.empty((), dtype=torch.float32, device=g.device)
     has_ema = ema_trace is not None
-    _interacting_kernel[(1,)](ntk, adv.contiguous(), ema_trace if has_ema else trace, w, trace, b, float(c_lambda),
-                              HAS_EMA=has_ema, ROWS=ntk.shape[0], num_warps=ONE_PROGRAM_WARPS)
+    # The solve's tile is B rounded up to a power of two, not the Gram kernel's 16 rows at least: its Cholesky
+    # is a chain of one step per row.
+    _interacting_kernel[(1,)](ntk, adv.contiguous(), ema_trace if has_ema else trace, w, trace, b, ntk.shape[1],
+                              float(c_lambda), HAS_EMA=has_ema, ROWS=_rows(b), num_warps=WEIGHTS_WARPS)
     return w, trace
 
 
@@ -286,8 +295,8 @@ def damped_solve(k: torch.Tensor, adv: torch.Tensor, lam: torch.Tensor) -> torch
     fails. In k's dtype: (B,)."""
     b = k.shape[0]
     out = torch.empty(b, dtype=k.dtype, device=k.device)
-    _damped_solve_kernel[(1,)](k.contiguous(), adv.contiguous(), lam.reshape(1), out, b, ROWS=_rows_padded(b),
-                               num_warps=ONE_PROGRAM_WARPS)
+    _damped_solve_kernel[(1,)](k.contiguous(), adv.contiguous(), lam.reshape(1), out, b, ROWS=_rows(b),
+                               num_warps=SOLVE_WARPS)
     return out
 
 
@@ -310,5 +319,5 @@ def non_interacting_weights(norm: torch.Tensor | None, overlap_num: torch.Tensor
     _non_interacting_kernel[(1,)](norm.contiguous() if has_norm else w, overlap_num.contiguous(), prod,
                                   adv.contiguous(), w, b, k, float(exp_norm), float(exp_overlap), HAS_N=has_norm,
                                   HAS_O=has_overlap, ROWS=rows, KBLOCK=max(16, min(256, 4096 // rows)),
-                                  num_warps=ONE_PROGRAM_WARPS)
+                                  num_warps=WEIGHTS_WARPS)
     return w
