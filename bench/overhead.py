@@ -614,7 +614,8 @@ def _median_ci(values: list[float]) -> list[float] | None:
 
 def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows: int = 25) -> None:
     """One untimed, profiled step per mode; each mode's busiest operators (host time, and device time on
-    CUDA) into one text file, with the step's total host and device time on the heading line."""
+    CUDA), then its busiest (operator, input shapes) pairs by host time, into one text file, with the step's
+    total host and device time on the heading line."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -622,7 +623,7 @@ def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows
     for mode in modes:
         mode.begin()
         try:
-            with profile(activities=activities) as prof:
+            with profile(activities=activities, record_shapes=True) as prof:
                 mode.step(batch)
                 _sync(device)
         finally:
@@ -638,6 +639,11 @@ def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows
                  events.table(sort_by="self_cpu_time_total", row_limit=rows)]
         if device == "cuda":
             parts.append(events.table(sort_by="self_device_time_total", row_limit=rows))
+        # The same operator at different shapes can cost the host very differently (a layer's own matmul
+        # against the LM head's chunks): the busiest (operator, input shapes) pairs.
+        parts.append("by input shapes, host time:")
+        parts.append(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
+                                                                        row_limit=rows, max_shapes_column_width=60))
         sections.append("\n".join(parts))
     write_text_atomic(path, "\n\n".join(sections) + "\n")
 

@@ -11,11 +11,11 @@ B × B partial per program (summed afterwards: deterministic, no atomics), the w
 it over B in float32.
 
 Used for CUDA tensors (``usable``) when ``IsopoConfig.triton_kernels`` is set (the default: on an H200 they
-cut the layers' GPU time by a third to a half; BENCHMARKS.md, session 11) and Triton is installed (it comes with CUDA builds of torch). With TRITON_INTERPRET=1 in the environment
-before Triton is first imported (the test suite sets it where there is no GPU), the same kernels run on CPU
-tensors in Triton's interpreter: the check of their indexing and masking without a GPU. bf16 is the
-interpreter's weak spot (NumPy has no bf16): there the tests use float32 and float16, and a GPU host's
-device tests cover bf16.
+cut the layers' GPU time by a third to a half; BENCHMARKS.md, session 11) and Triton is installed (it comes
+with CUDA builds of torch). With TRITON_INTERPRET=1 in the environment before Triton is first imported (the
+test suite sets it where there is no GPU), the same kernels run on CPU tensors in Triton's interpreter: the
+check of their indexing and masking without a GPU. bf16 is the interpreter's weak spot (NumPy has no bf16):
+there the tests use float32 and float16, and a GPU host's device tests cover bf16.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ SUM_BLOCK = 1024
 ``python -m bench.kernel_configs`` times the alternatives on a GPU."""
 SUM_WARPS = 4
 SOLVE_WARPS = 4
-"""Warps of the B × B solve's one program (``damped_solve``): 4 ran it in 25 µs on an H200, 1 in 43 µs."""
+"""Warps of the B × B solve's one program (``damped_solve``): on a 16-row tile 4 ran it in 25 µs on an H200,
+1 in 43 µs (the tile is now B rounded up to a power of two)."""
 WEIGHTS_WARPS = 1
 """Warps of the one program from the statistics to the weights (``interacting_weights``: tr K, λ and the
 solve; ``non_interacting_weights``): 1 to 4 ran alike on an H200 (BENCHMARKS.md, session 11)."""
