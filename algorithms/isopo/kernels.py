@@ -45,7 +45,7 @@ GRAM_STAGES = 3
 H200, a third of memory speed; ``python -m bench.kernel_configs`` times the alternatives."""
 SUM_BLOCK = 1024
 """Columns of G per program of the weighted-sum kernel: a pure read of G, which wants long rows per program
-(256, with the rows padded to 16, ran at a fifth of memory speed on an H200; BENCHMARKS.md, session 11).
+(256, with the rows padded to 16, ran at a tenth of memory speed on an H200; BENCHMARKS.md, session 11).
 ``python -m bench.kernel_configs`` times the alternatives on a GPU."""
 SUM_WARPS = 4
 SOLVE_WARPS = 4
@@ -306,7 +306,7 @@ def non_interacting_weights(norm: torch.Tensor | None, overlap_num: torch.Tensor
     """The unregularised non-interacting rule w = A N^exp_norm O^exp_overlap (``weights.non_interacting_weights``
     with no regularisation: exp_norm = p − r, exp_overlap = q + r) in two kernels: ‖δ_k‖·‖a_k‖ for the sample
     rows a_k (K, in) and d_k (K, out), and one program for the rest. norm: (B,) N_i = ‖G_i‖ (None where
-    exp_norm = 0; torch's vector norm reads G at memory speed, the Gram kernel at half of it on an H200);
+    exp_norm = 0; torch's vector norm reads G twice as fast as the Gram kernel on an H200);
     overlap_num: (B, K) δ_kᵀ G_i a_k. In float32: (B,)."""
     b, k = overlap_num.shape
     has_norm, has_overlap = exp_norm != 0, exp_overlap != 0

