@@ -117,6 +117,25 @@ def test_non_interacting_weights_match_float64(device, b, exp_norm, exp_overlap)
     assert torch.isfinite(got).all()
 
 
+def test_the_default_config_takes_the_kernels_on_cuda_and_the_torch_path_on_cpu(monkeypatch):
+    """``triton_kernels`` is on by default; a CPU step with the default configuration still never reaches a
+    kernel (CPU tensors are not ``usable``), so the CPU arithmetic is unchanged by that default."""
+    assert IsopoConfig().triton_kernels and IsopoConfig().kernels_enabled
+    assert not IsopoConfig(compile=True).kernels_enabled
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel was called for CPU tensors")
+
+    for name in ("weighted_sum", "gram_parts", "interacting_weights", "non_interacting_weights", "damped_solve"):
+        monkeypatch.setattr(kernels, name, refuse)
+    model = tiny_qwen3(dtype=torch.float32)
+    for variant in ("non_interacting", "interacting"):
+        cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
+                          strategy="instantiate")
+        grads = efficient_step(model, Isopo(model, cfg), step_batches(0), response_tokens(step_batches(0)))
+        assert all(torch.isfinite(g).all() for g in grads.values())
+
+
 def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
     assert not kernels.usable(torch.zeros(8, 10))  # CPU tensors take the torch path, even when interpreting
     if torch.cuda.is_available():
