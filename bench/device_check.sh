@@ -29,9 +29,9 @@
 # Writes machine.txt, device_tests.log, overhead.log, profile.txt, layer-costs.txt and three JSON files into
 # OUT (eight files, as many as a lent machine sends back; nine with COMPILE=1); exits 1 if any step failed.
 # DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here; step 3 then runs its
-# three plain modes). On an H100 the earlier form of steps 1-3 and 7 took 297 s (2026-11-27), plus ~30 s to
-# start the machine; layer-costs adds ~60-90 s, and session 9's kernel tests and +triton modes perhaps 60 s
-# more (untimed); a CPU dry run (DEVICE=cpu MODEL=tiny REPEATS=2 BUDGET_S=240) stops at 240 s with 8 files.
+# three plain modes). On an H200 the whole call took 334 s at c8a2eb7 (2026-11-27, before the kernel-settings
+# step, which adds up to 90 s), plus ~30 s to start the machine; a CPU dry run (DEVICE=cpu MODEL=tiny
+# REPEATS=2 BUDGET_S=150) stops at ~210 s with 7 files (the CUDA-only kernel step and the cut sweep missing).
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
 device="${DEVICE:-cuda}"
