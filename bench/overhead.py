@@ -123,7 +123,7 @@ class Options:
     """ISOPO's ``chunk_bytes`` in MiB: the largest per-sequence-gradient block held at once (the LM head's)."""
     compile: bool = False
     """ISOPO modes run each layer's computation through torch.compile (``IsopoConfig.compile``)."""
-    triton_kernels: bool = True
+    triton_kernels: bool = IsopoConfig.triton_kernels
     """ISOPO modes run the statistics' passes over G, the weights and the weighted sum as Triton kernels on
     CUDA (``IsopoConfig.triton_kernels``, on by default; False: the torch path)."""
     cuda_graphs: bool | None = None
@@ -436,7 +436,7 @@ class Mode:
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
                  chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False, strategy: str = "auto",
-                 cuda_graphs: bool = False, triton_kernels: bool = True):
+                 cuda_graphs: bool = False, triton_kernels: bool = IsopoConfig.triton_kernels):
         from .hooks_baseline import HooksIsopo
 
         self.name = name
