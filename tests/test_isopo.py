@@ -292,6 +292,36 @@ def test_graph_slots_copy_a_layers_emas_only_when_the_visiting_order_changes():
     assert all(g.visits == 0 for g in engine.graphs._graphs.values())  # rewound at the step's end
 
 
+@pytest.mark.parametrize("cfg", [IsopoConfig(setting="paper", num_samples=9, strategy="instantiate", cuda_graphs=True),
+                                 IsopoConfig(variant="interacting", setting=None, strategy="instantiate",
+                                             cuda_graphs=True)], ids=["paper", "interacting"])
+def test_a_graphs_cursor_moves_only_where_its_visits_have_slots(monkeypatch, cfg):
+    """The unregularised paper setting reads no EMA and records nothing, so its graphs' cursor stays put (its
+    increment would be one more kernel in every replay); the interacting rule records tr K / B, one slot a
+    visit, so there the cursor counts the visits. Read at the step's end, before the cursors are rewound."""
+    from algorithms.isopo.graphs import TailGraphs
+
+    seen = []
+    real = TailGraphs.collect
+
+    def collect(self):
+        seen.extend((int(g.cursor), g.visits, bool(g.record_slots)) for g in self._graphs.values() if g.visits)
+        real(self)
+
+    monkeypatch.setattr(TailGraphs, "collect", collect)
+    model = tiny_qwen3()
+    engine = Isopo(model, cfg)
+    engine.graphs.capture = False
+    for step in range(2):
+        batches = step_batches(step, SAME_B_STEPS)
+        efficient_step(model, engine, batches, response_tokens(batches))
+    assert len(seen) > 2
+    if cfg.variant == "interacting":
+        assert all(cursor == visits and records for cursor, visits, records in seen)
+    else:
+        assert all(cursor == 0 and not records for cursor, _, records in seen)
+
+
 def test_a_failed_capture_falls_back_to_the_eager_layers(monkeypatch):
     """A capture that raises (a kernel the graph cannot hold, say) warns once, turns the engine's graphs off
     and leaves every layer to the eager path, from the failing layer on: the gradients and EMAs are the

@@ -68,6 +68,18 @@ def test_damped_solve_matches_float64_and_falls_back_to_the_advantages(device, b
     assert torch.equal(kernels.damped_solve(torch.zeros_like(ntk), adv, torch.zeros((), device=device)), adv)
     not_spd = -torch.eye(b, device=device)
     assert torch.equal(kernels.damped_solve(not_spd, adv, torch.tensor(0.5, device=device)), adv)
+    if b > 1:  # indefinite from the second pivot on: the first is positive, the elimination fails later
+        late = torch.eye(b, device=device)
+        late[0, 1] = late[1, 0] = 2.0
+        assert torch.equal(kernels.damped_solve(late, adv, torch.tensor(0.5, device=device)), adv)
+    # Rank 3 with a small damping: an ill-conditioned system, which the elimination in float64 still solves.
+    low = torch.randn(b, 3, generator=gen, dtype=torch.float64)
+    ntk = (low @ low.t()).float().to(device)
+    lam = 1e-4 * ntk.diagonal().mean()
+    exact = lam.double() * torch.linalg.solve(ntk.double() + lam.double() * torch.eye(b, dtype=torch.float64,
+                                                                                       device=device), adv.double())
+    got = kernels.damped_solve(ntk, adv, lam)
+    assert float((got.double() - exact).norm() / exact.norm()) < 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -91,6 +103,24 @@ def test_interacting_weights_from_g_match_float64(device, b):
         assert float((got.cpu().double() - exact).norm() / exact.norm()) < 1e-5
     zero, _ = kernels.interacting_weights(torch.zeros(b, 300, device=device), adv.to(device), None, 1.0)
     assert torch.equal(zero.cpu(), adv)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("has_ema", [False, True])
+def test_interacting_weights_at_a_graphs_cursor(device, has_ema):
+    """A graph's visit: the program reads the EMA from its slot array at the cursor, writes tr K / B into the
+    trace slots there (and nowhere else) and advances the cursor — the weights as from a 0-d EMA."""
+    gen = torch.Generator().manual_seed(7)
+    g = torch.randn(8, 3000, generator=gen).to(device)
+    adv = torch.randn(8, generator=gen).to(device)
+    ema_slots = torch.rand(16, generator=gen).to(device) * float((g * g).sum(1).mean()) if has_ema else None
+    expected, trace = kernels.interacting_weights(g, adv, ema_slots[5] if has_ema else None, 0.5)
+    cursor = torch.tensor([5], device=device)
+    trace_slots = torch.zeros(16, device=device)
+    w, returned = kernels.interacting_weights(g, adv, ema_slots, 0.5, slots=(cursor, trace_slots))
+    assert returned is trace_slots and torch.equal(w, expected)
+    assert int(cursor) == 6
+    assert float(trace_slots[5]) == float(trace) and int((trace_slots != 0).sum()) == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -161,9 +191,9 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
     for name in calls:
         real = getattr(kernels, name)
 
-        def counted(*args, _real=real, _name=name):
+        def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
-            return _real(*args)
+            return _real(*args, **kwargs)
 
         monkeypatch.setattr(kernels, name, counted)
     model = tiny_qwen3(dtype=torch.float32).to(device)
@@ -183,6 +213,7 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
             for name, ref in expected.items():
                 err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
                 assert err < 1e-5, f"{name}: {err:.2e}"
+    assert not graphed.graphs.failed  # else the graph path fell back to the eager one, untested
     assert calls["weighted_sum"] > 0
     assert (calls["gram_parts"] > 0) == (variant == "interacting")  # the norms are torch's
     assert (calls["interacting_weights"] > 0) == (variant == "interacting")
@@ -202,9 +233,9 @@ def test_the_fused_tails_in_graphs_under_bf16_autocast_match_the_torch_path(devi
     for name in ("interacting_weights", "non_interacting_weights"):
         real = getattr(kernels, name)
 
-        def counted(*args, _real=real):
+        def counted(*args, _real=real, **kwargs):
             calls["n"] += 1
-            return _real(*args)
+            return _real(*args, **kwargs)
 
         monkeypatch.setattr(kernels, name, counted)
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,

@@ -63,6 +63,34 @@ class StaticInputs:
             self._adv_source = (weakref.ref(adv), adv._version)
 
 
+class Visit(Mapping[str, torch.Tensor]):
+    """What a tail run from a graph reads its EMAs through: a mapping of each EMA to the value in this visit's
+    slot (a one-element gather per read, inside the graph). A kernel that reads and records at the cursor in
+    its own program takes the slot arrays instead (``ema_slots``, ``graph.record_slot``, ``cursor``) and marks
+    the visit ``advanced`` once it has moved the cursor on."""
+
+    def __init__(self, graph: TailGraph):
+        self.graph = graph
+        self.advanced = False
+
+    @property
+    def cursor(self) -> torch.Tensor:
+        return self.graph.cursor
+
+    @property
+    def ema_slots(self) -> dict[str, torch.Tensor]:
+        return self.graph.ema_slots
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.graph.ema_slots[key].index_select(0, self.graph.cursor).view(())
+
+    def __iter__(self):
+        return iter(self.graph.ema_slots)
+
+    def __len__(self) -> int:
+        return len(self.graph.ema_slots)
+
+
 class TailGraph:
     """One capture: the shape's static inputs, the slots of this EMA key set's visits, and once captured the
     graph and its outputs."""
@@ -82,8 +110,8 @@ class TailGraph:
         self.owners: list[LayerEma] = []
         """Whose EMAs each slot holds (the layer that visited that position, as of the last refresh)."""
         self.ema_slots = {k: torch.zeros(SLOTS, dtype=stat_dtype, device=device) for k in ema_keys}
-        self.record_slots: dict[str, torch.Tensor] | None = None
-        """Made on the first (eager) call, from the statistics the tail records."""
+        self.record_slots: dict[str, torch.Tensor] = {}
+        """Made on the first (eager) call, from the statistics the tail records (``record_slot``)."""
         self.ema_copies = 0
         """EMA values copied into a slot one by one (a visit in a new order), for the tests."""
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -135,14 +163,23 @@ class TailGraph:
         return self.outputs
 
     def _call(self, tail: Callable):
-        ema = {key: slots.index_select(0, self.cursor).view(()) for key, slots in self.ema_slots.items()}
-        w, grad, recorded = tail(self.inputs.g, self.inputs.a_k, self.inputs.d_k, self.inputs.adv, ema)
-        if self.record_slots is None:
-            self.record_slots = {key: torch.zeros(SLOTS, dtype=v.dtype, device=v.device) for key, v in recorded.items()}
+        visit = Visit(self)
+        w, grad, recorded = tail(self.inputs.g, self.inputs.a_k, self.inputs.d_k, self.inputs.adv, visit)
         for key, value in recorded.items():
-            self.record_slots[key].index_copy_(0, self.cursor, value.reshape(1))
-        self.cursor.add_(1)
+            self.record_slot(key, value.dtype).index_copy_(0, self.cursor, value.reshape(1))
+        # Without slots the cursor is never read: its increment would be a kernel of every replay for nothing
+        # (a configuration records the same keys at every visit, so this holds from the first one on).
+        if not visit.advanced and (self.ema_slots or self.record_slots):
+            self.cursor.add_(1)
         return w, grad, recorded
+
+    def record_slot(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The slots of a recorded statistic, made on its first record (the warm-up before a capture: never
+        inside one, where the zero fill would join the graph)."""
+        slots = self.record_slots.get(key)
+        if slots is None:
+            slots = self.record_slots[key] = torch.zeros(SLOTS, dtype=dtype, device=self.cursor.device)
+        return slots
 
     def collect(self) -> None:
         """This step's records into each visiting layer's EMA sums (``LayerEma.add``): per statistic, one

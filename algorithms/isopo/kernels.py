@@ -110,40 +110,29 @@ def _gram_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 @_jit
 def _damped_solve_rows(k, adv, lam, B, ROWS: tl.constexpr):
     # λ (K + λI)⁻¹ A for a (ROWS, ROWS) tile k whose rows and columns from B on are padding: K + λI in float64
-    # (padding: the identity), its Cholesky factor L column by column (right-looking, rank-1 updates of the
-    # trailing block), then L y = A and Lᵀ x = y; A itself where λ ≤ 0 or a pivot is not positive.
+    # (padding: the identity), solved by Gauss–Jordan elimination without pivoting, one chain of ROWS steps
+    # (a Cholesky factor and its two triangular solves were three chains, each step a few block-wide
+    # reductions: the program's time is that chain). For an SPD matrix the pivots are the Cholesky
+    # factorisation's (before its square roots), all positive: A itself where λ ≤ 0 or a pivot is not.
     rows = tl.arange(0, ROWS)
     inside = (rows[:, None] < B) & (rows[None, :] < B)
     eye = rows[:, None] == rows[None, :]
     lam = lam.to(tl.float64)
     k = k.to(tl.float64)
     a = tl.where(inside, k + tl.where(eye, lam, 0.0), tl.where(eye, 1.0, 0.0))
-    factor = tl.zeros((ROWS, ROWS), dtype=tl.float64)
+    adv = adv.to(tl.float64)
+    x = adv
     ok = lam > 0
     for j in range(ROWS):
-        col = tl.sum(tl.where(rows[None, :] == j, a, 0.0), axis=1)
+        col = tl.sum(tl.where(rows[None, :] == j, a, 0.0), axis=1)  # column j
+        row = tl.sum(tl.where(rows[:, None] == j, a, 0.0), axis=0)  # row j
         pivot = tl.sum(tl.where(rows == j, col, 0.0), axis=0)
         ok = ok & (pivot > 0)
-        root = tl.sqrt(tl.where(pivot > 0, pivot, 1.0))
-        below = tl.where(rows > j, col / root, 0.0)
-        factor = tl.where(rows[None, :] == j, (below + tl.where(rows == j, root, 0.0))[:, None], factor)
-        a = a - below[:, None] * below[None, :]
-    adv = adv.to(tl.float64)
-    rest = adv
-    y = tl.zeros((ROWS,), dtype=tl.float64)
-    for j in range(ROWS):  # L y = A, column by column
-        col = tl.sum(tl.where(rows[None, :] == j, factor, 0.0), axis=1)
-        yj = tl.sum(tl.where(rows == j, rest, 0.0), axis=0) / tl.sum(tl.where(rows == j, col, 0.0), axis=0)
-        y = tl.where(rows == j, yj, y)
-        rest = rest - tl.where(rows > j, col * yj, 0.0)
-    rest = y
-    x = tl.zeros((ROWS,), dtype=tl.float64)
-    for i in range(ROWS):  # Lᵀ x = y, from the last row up: column j of Lᵀ is row j of L
-        j = ROWS - 1 - i
-        row = tl.sum(tl.where(rows[:, None] == j, factor, 0.0), axis=0)
-        xj = tl.sum(tl.where(rows == j, rest, 0.0), axis=0) / tl.sum(tl.where(rows == j, row, 0.0), axis=0)
-        x = tl.where(rows == j, xj, x)
-        rest = rest - tl.where(rows < j, row * xj, 0.0)
+        row = row / tl.where(pivot > 0, pivot, 1.0)
+        xj = tl.sum(tl.where(rows == j, x, 0.0), axis=0) / tl.where(pivot > 0, pivot, 1.0)
+        others = tl.where(rows == j, 0.0, col)  # every other row loses its column-j entry
+        a = tl.where(rows[:, None] == j, row[None, :], a - others[:, None] * row[None, :])
+        x = tl.where(rows == j, xj, x - others * xj)
     return tl.where(ok, lam * x, adv)
 
 
@@ -184,11 +173,12 @@ def _power(x, e):
 
 
 @_jit
-def _non_interacting_kernel(norm_ptr, num_ptr, prod_ptr, adv_ptr, out_ptr, B, K, EXP_N, EXP_O, HAS_N: tl.constexpr,
-                            HAS_O: tl.constexpr, ROWS: tl.constexpr, KBLOCK: tl.constexpr):
+def _non_interacting_kernel(norm_ptr, num_ptr, prod_ptr, adv_ptr, out_ptr, B, K, NUM_STRIDE_B, NUM_STRIDE_K, EXP_N,
+                            EXP_O, HAS_N: tl.constexpr, HAS_O: tl.constexpr, ROWS: tl.constexpr,
+                            KBLOCK: tl.constexpr):
     # One program, the unregularised non-interacting rule w = A N^(p−r) O^(q+r) from the norms N (B,), the
-    # overlap numerators (B, K) and the sample's ‖δ_k‖·‖a_k‖ (K,); 0 where the rule gives NaN or ±inf, as
-    # torch.nan_to_num does on the torch path.
+    # overlap numerators (B, K; strided as given: in bf16 they come transposed) and the sample's ‖δ_k‖·‖a_k‖
+    # (K,); 0 where the rule gives NaN or ±inf, as torch.nan_to_num does on the torch path.
     rows = tl.arange(0, ROWS)
     w = tl.load(adv_ptr + rows, mask=rows < B, other=0.0).to(tl.float32)
     if HAS_N:
@@ -201,7 +191,7 @@ def _non_interacting_kernel(norm_ptr, num_ptr, prod_ptr, adv_ptr, out_ptr, B, K,
         start = 0
         while start < K:  # a while loop: Triton's interpreter cannot take range() over a run-time bound
             inside = start + cols < K
-            num = tl.load(num_ptr + rows[:, None] * K + start + cols[None, :],
+            num = tl.load(num_ptr + rows[:, None] * NUM_STRIDE_B + (start + cols[None, :]) * NUM_STRIDE_K,
                           mask=(rows[:, None] < B) & inside[None, :], other=0.0).to(tl.float32)
             num_sq += tl.sum(num * num, axis=1)
             prod = tl.load(prod_ptr + start + cols, mask=inside, other=0.0)
@@ -214,23 +204,30 @@ def _non_interacting_kernel(norm_ptr, num_ptr, prod_ptr, adv_ptr, out_ptr, B, K,
 
 
 @_jit
-def _interacting_kernel(k_ptr, adv_ptr, ema_ptr, out_ptr, trace_ptr, B, STRIDE, c_lambda, HAS_EMA: tl.constexpr,
-                        ROWS: tl.constexpr):
+def _interacting_kernel(k_ptr, adv_ptr, ema_ptr, out_ptr, trace_ptr, cursor_ptr, B, STRIDE, c_lambda,
+                        HAS_EMA: tl.constexpr, AT_CURSOR: tl.constexpr, ROWS: tl.constexpr):
     # One program, the whole interacting rule from the NTK (its rows STRIDE apart): tr K / B (stored: the
     # statistic the EMA records), λ = c_λ · (EMA or tr K / B), then the damped solve on a ROWS × ROWS tile.
+    # AT_CURSOR: the EMA and the trace are a graph's slot arrays, read and written at the cursor, which this
+    # program then advances (graphs.TailGraph).
     rows = tl.arange(0, ROWS)
+    pos = 0
+    if AT_CURSOR:
+        pos = tl.load(cursor_ptr)
     inside = (rows[:, None] < B) & (rows[None, :] < B)
     k = tl.load(k_ptr + rows[:, None] * STRIDE + rows[None, :], mask=inside, other=0.0)
     eye = rows[:, None] == rows[None, :]
     mean_trace = tl.sum(tl.sum(tl.where(eye, k, 0.0), axis=1), axis=0) / B
-    tl.store(trace_ptr, mean_trace)
+    tl.store(trace_ptr + pos, mean_trace)
     if HAS_EMA:
-        lam = tl.load(ema_ptr).to(tl.float32) * c_lambda
+        lam = tl.load(ema_ptr + pos).to(tl.float32) * c_lambda
     else:
         lam = mean_trace * c_lambda
     adv = tl.load(adv_ptr + rows, mask=rows < B, other=0.0)
     w = _damped_solve_rows(k, adv, lam, B, ROWS)
     tl.store(out_ptr + rows, w.to(out_ptr.dtype.element_ty), mask=rows < B)
+    if AT_CURSOR:
+        tl.store(cursor_ptr, pos + 1)
 
 
 @functools.cache
@@ -272,28 +269,36 @@ def gram(g: torch.Tensor) -> torch.Tensor:
     return gram_parts(g)[:, :b, :b].sum(0)
 
 
-def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Tensor | None,
-                        c_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Tensor | None, c_lambda: float,
+                        slots: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The interacting rule from the per-sequence gradients g (B, N): the Gram kernel, torch's sum of its
     partials (one parallel reduction; one program summing them ran 40 µs a layer on an H200), and one program
     for the rest: (Ã = λ (K + λI)⁻¹ A in float32, tr K / B) with λ = c_λ · ema_trace, or c_λ · tr K / B where
-    there is no EMA yet (``weights.interacting_weights``, the torch path, computes the same)."""
+    there is no EMA yet (``weights.interacting_weights``, the torch path, computes the same).
+
+    slots: a CUDA graph visit's (cursor, trace slots) (``graphs.TailGraph``). Then ema_trace is the EMA's slot
+    array (or None), the program reads it and writes tr K / B at cursor[0] and advances the cursor — in a
+    graph, three one-element kernels fewer a layer — and the trace slots are what is returned."""
     b = g.shape[0]
     ntk = gram_parts(g).sum(0)  # (R, R), zero outside the top-left (B, B) block
     w = torch.empty(b, dtype=torch.float32, device=g.device)
-    trace = torch.empty((), dtype=torch.float32, device=g.device)
+    if slots is None:
+        cursor, trace = w, torch.empty((), dtype=torch.float32, device=g.device)  # cursor: not read
+    else:
+        cursor, trace = slots
     has_ema = ema_trace is not None
-    # The solve's tile is B rounded up to a power of two, not the Gram kernel's 16 rows at least: its Cholesky
-    # is a chain of one step per row.
-    _interacting_kernel[(1,)](ntk, adv.contiguous(), ema_trace if has_ema else trace, w, trace, b, ntk.shape[1],
-                              float(c_lambda), HAS_EMA=has_ema, ROWS=_rows(b), num_warps=WEIGHTS_WARPS)
+    # The solve's tile is B rounded up to a power of two, not the Gram kernel's 16 rows at least: its
+    # elimination is a chain of one step per row.
+    _interacting_kernel[(1,)](ntk, adv.contiguous(), ema_trace if has_ema else trace, w, trace, cursor, b,
+                              ntk.shape[1], float(c_lambda), HAS_EMA=has_ema, AT_CURSOR=slots is not None,
+                              ROWS=_rows(b), num_warps=WEIGHTS_WARPS)
     return w, trace
 
 
 def damped_solve(k: torch.Tensor, adv: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """λ (K + λI)⁻¹ A for the B × B NTK k, by Cholesky in float64 in one program (cuSOLVER's factorisation
-    alone took 33 µs of GPU time for an 8 × 8 matrix on an H100); A itself where λ ≤ 0 or the factorisation
-    fails. In k's dtype: (B,)."""
+    """λ (K + λI)⁻¹ A for the B × B NTK k, by Gauss–Jordan elimination in float64 in one program (cuSOLVER's
+    Cholesky factorisation alone took 33 µs of GPU time for an 8 × 8 matrix on an H100); A itself where λ ≤ 0
+    or a pivot is not positive (K + λI not positive definite). In k's dtype: (B,)."""
     b = k.shape[0]
     out = torch.empty(b, dtype=k.dtype, device=k.device)
     _damped_solve_kernel[(1,)](k.contiguous(), adv.contiguous(), lam.reshape(1), out, b, ROWS=_rows(b),
@@ -307,7 +312,7 @@ def non_interacting_weights(norm: torch.Tensor | None, overlap_num: torch.Tensor
     with no regularisation: exp_norm = p − r, exp_overlap = q + r) in two kernels: ‖δ_k‖·‖a_k‖ for the sample
     rows a_k (K, in) and d_k (K, out), and one program for the rest. norm: (B,) N_i = ‖G_i‖ (None where
     exp_norm = 0; torch's vector norm reads G twice as fast as the Gram kernel on an H200);
-    overlap_num: (B, K) δ_kᵀ G_i a_k. In float32: (B,)."""
+    overlap_num: (B, K) δ_kᵀ G_i a_k, any strides. In float32: (B,)."""
     b, k = overlap_num.shape
     has_norm, has_overlap = exp_norm != 0, exp_overlap != 0
     w = torch.empty(b, dtype=torch.float32, device=overlap_num.device)
@@ -317,8 +322,9 @@ def non_interacting_weights(norm: torch.Tensor | None, overlap_num: torch.Tensor
         prod = torch.empty(k, dtype=torch.float32, device=overlap_num.device)
         a_k, d_k = a_k.contiguous(), d_k.contiguous()
         _row_norm_product_kernel[(k,)](a_k, d_k, prod, a_k.shape[1], d_k.shape[1], BLOCK=BLOCK)
-    _non_interacting_kernel[(1,)](norm.contiguous() if has_norm else w, overlap_num.contiguous(), prod,
-                                  adv.contiguous(), w, b, k, float(exp_norm), float(exp_overlap), HAS_N=has_norm,
-                                  HAS_O=has_overlap, ROWS=rows, KBLOCK=max(16, min(256, 4096 // rows)),
+    # The numerators as they come (no copy: a kernel of its own in a graph), read through their strides.
+    _non_interacting_kernel[(1,)](norm.contiguous() if has_norm else w, overlap_num, prod, adv.contiguous(), w, b, k,
+                                  overlap_num.stride(0), overlap_num.stride(1), float(exp_norm), float(exp_overlap),
+                                  HAS_N=has_norm, HAS_O=has_overlap, ROWS=rows, KBLOCK=max(16, min(256, 4096 // rows)),
                                   num_warps=WEIGHTS_WARPS)
     return w

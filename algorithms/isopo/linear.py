@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .autograd import direct_apply
+from .graphs import Visit
 from .statistics import (
     choose_strategy,
     grad_stats,
@@ -264,7 +265,12 @@ def tail_update(
     # the norms, the overlap's matmuls and two) instead of the torch path's ~20 tiny ones, each of which costs
     # the GPU a few µs even inside a graph (BENCHMARKS.md, sessions 9 and 11).
     fused = cfg.kernels_enabled and stat_dtype == torch.float32 and kernels.usable(flat)
-    if fused and a_k is None:
+    if fused and a_k is None and isinstance(ema, Visit):
+        # From a graph: the program reads the EMA's slot, records tr K / B into its own and moves the cursor on.
+        w, _ = kernels.interacting_weights(flat, adv, ema.ema_slots.get("trK"), cfg.c_lambda,
+                                           slots=(ema.cursor, ema.graph.record_slot("trK", stat_dtype)))
+        ema.advanced = True
+    elif fused and a_k is None:
         w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
     elif fused and unregularised(cfg):
         norm = torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype) if cfg.p != cfg.r else None
