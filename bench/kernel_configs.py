@@ -25,7 +25,10 @@ from .layer_costs import linear_shapes, replay_us
 from .overhead import OverheadError, check_model_and_device
 
 SUM_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (2, 4, 8)]
-GRAM_SETTINGS = [(block, warps, stages) for block in (256, 512) for warps in (4, 8) for stages in (2, 3, 4)]
+GRAM_SETTINGS = ([(256, warps, stages, 4) for warps in (4, 8) for stages in (2, 3, 4)]
+                 + [(256, 4, 3, waves) for waves in (8, 16)] + [(512, 4, 3, 4), (512, 8, 4, 8)])
+"""(block, warps, stages, waves): the Gram kernel's warps and pipeline depth, then more programs (more reads in
+flight, more partials to sum), then longer tiles."""
 WARPS = (1, 2, 4)
 
 
@@ -66,9 +69,9 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     for block, warps in SUM_SETTINGS:
         out[f"weighted_sum block={block} warps={warps}"] = under(lambda: kernels.weighted_sum(w, flat),
                                                                  SUM_BLOCK=block, SUM_WARPS=warps)
-    for block, warps, stages in GRAM_SETTINGS:
-        out[f"gram block={block} warps={warps} stages={stages}"] = under(lambda: kernels.gram(flat), BLOCK=block,
-                                                                         GRAM_WARPS=warps, GRAM_STAGES=stages)
+    for block, warps, stages, waves in GRAM_SETTINGS:
+        out[f"gram block={block} warps={warps} stages={stages} waves={waves}"] = under(
+            lambda: kernels.gram(flat), BLOCK=block, GRAM_WARPS=warps, GRAM_STAGES=stages, GRAM_WAVES=waves)
     for warps in WARPS:
         out[f"damped_solve warps={warps}"] = under(lambda: kernels.damped_solve(ntk, w, lam), SOLVE_WARPS=warps)
     for warps in WARPS:

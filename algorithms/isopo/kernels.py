@@ -43,6 +43,9 @@ GRAM_WARPS = 4
 GRAM_STAGES = 3
 """The Gram kernel's warps and software-pipeline depth (Triton's defaults): it reads G at ~1.4 TB/s on an
 H200, a third of memory speed; ``python -m bench.kernel_configs`` times the alternatives."""
+GRAM_WAVES = 4
+"""Gram programs per multiprocessor (about): more keep more of G's reads in flight, and leave more partials
+to sum."""
 SUM_BLOCK = 1024
 """Columns of G per program of the weighted-sum kernel: a pure read of G, which wants long rows per program
 (256, with the rows padded to 16, ran at a tenth of memory speed on an H200; BENCHMARKS.md, session 11).
@@ -93,6 +96,8 @@ def _weighted_sum_kernel(g_ptr, w_ptr, out_ptr, B, N, ROWS: tl.constexpr, BLOCK:
 @_jit
 def _gram_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr,
                  IEEE: tl.constexpr):
+    # Program p: its run of STEPS tiles' share of g gᵀ, stored as the (B, B) partial p (the padding rows'
+    # and columns' zeros left out: the sum reads a quarter of the bytes at B = 8).
     pid = tl.program_id(0)
     rows = tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, ROWS), dtype=tl.float32)
@@ -104,7 +109,8 @@ def _gram_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr,
             acc += tl.dot(tile, tl.trans(tile), input_precision="ieee")
         else:
             acc += tl.dot(tile, tl.trans(tile))
-    tl.store(part_ptr + pid * ROWS * ROWS + rows[:, None] * ROWS + rows[None, :], acc)
+    inside = (rows[:, None] < B) & (rows[None, :] < B)
+    tl.store(part_ptr + pid * B * B + rows[:, None] * B + rows[None, :], acc, mask=inside)
 
 
 @_jit
@@ -236,10 +242,10 @@ def _processors(device: torch.device) -> int:
 
 
 def _steps(n: int, device: torch.device) -> int:
-    """Tiles per Gram program: enough programs to fill the device ~4 times over, each a power-of-two run of
-    tiles (one compiled variant per value, a handful in all)."""
+    """Tiles per Gram program: enough programs to fill the device ``GRAM_WAVES`` times over, each a power-of-two
+    run of tiles (one compiled variant per value, a handful in all)."""
     tiles = triton.cdiv(n, BLOCK)
-    return min(64, triton.next_power_of_2(max(1, tiles // (4 * _processors(device)))))
+    return min(64, triton.next_power_of_2(max(1, tiles // (GRAM_WAVES * _processors(device)))))
 
 
 def weighted_sum(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -252,21 +258,19 @@ def weighted_sum(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def gram_parts(g: torch.Tensor) -> torch.Tensor:
-    """The Gram kernel's per-program partials of g gᵀ for g (B, N), in float32, padded to (P, R, R) with
-    R = max(16, B rounded up to a power of two): they sum to g gᵀ in the top-left (B, B) block."""
+    """The Gram kernel's per-program partials of g gᵀ for g (B, N), in float32: (P, B, B), summing to g gᵀ."""
     b, n = g.shape
-    rows, steps = _rows_padded(b), _steps(n, g.device)
+    steps = _steps(n, g.device)
     programs = triton.cdiv(n, BLOCK * steps)
-    parts = torch.empty(programs, rows, rows, dtype=torch.float32, device=g.device)
-    _gram_kernel[(programs,)](g, parts, b, n, ROWS=rows, BLOCK=BLOCK, STEPS=steps, IEEE=g.dtype == torch.float32,
-                              num_warps=GRAM_WARPS, num_stages=GRAM_STAGES)
+    parts = torch.empty(programs, b, b, dtype=torch.float32, device=g.device)
+    _gram_kernel[(programs,)](g, parts, b, n, ROWS=_rows_padded(b), BLOCK=BLOCK, STEPS=steps,
+                              IEEE=g.dtype == torch.float32, num_warps=GRAM_WARPS, num_stages=GRAM_STAGES)
     return parts
 
 
 def gram(g: torch.Tensor) -> torch.Tensor:
     """g gᵀ for g (B, N), in float32: (B, B)."""
-    b = g.shape[0]
-    return gram_parts(g)[:, :b, :b].sum(0)
+    return gram_parts(g).sum(0)
 
 
 def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Tensor | None, c_lambda: float,
@@ -280,7 +284,7 @@ def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Ten
     array (or None), the program reads it and writes tr K / B at cursor[0] and advances the cursor — in a
     graph, three one-element kernels fewer a layer — and the trace slots are what is returned."""
     b = g.shape[0]
-    ntk = gram_parts(g).sum(0)  # (R, R), zero outside the top-left (B, B) block
+    ntk = gram_parts(g).sum(0)
     w = torch.empty(b, dtype=torch.float32, device=g.device)
     if slots is None:
         cursor, trace = w, torch.empty((), dtype=torch.float32, device=g.device)  # cursor: not read
@@ -289,8 +293,8 @@ def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Ten
     has_ema = ema_trace is not None
     # The solve's tile is B rounded up to a power of two, not the Gram kernel's 16 rows at least: its
     # elimination is a chain of one step per row.
-    _interacting_kernel[(1,)](ntk, adv.contiguous(), ema_trace if has_ema else trace, w, trace, cursor, b,
-                              ntk.shape[1], float(c_lambda), HAS_EMA=has_ema, AT_CURSOR=slots is not None,
+    _interacting_kernel[(1,)](ntk, adv.contiguous(), ema_trace if has_ema else trace, w, trace, cursor, b, b,
+                              float(c_lambda), HAS_EMA=has_ema, AT_CURSOR=slots is not None,
                               ROWS=_rows(b), num_warps=WEIGHTS_WARPS)
     return w, trace
 
