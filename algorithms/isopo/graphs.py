@@ -66,8 +66,8 @@ class StaticInputs:
 class Visit(Mapping[str, torch.Tensor]):
     """What a tail run from a graph reads its EMAs through: a mapping of each EMA to the value in this visit's
     slot (a one-element gather per read, inside the graph). A kernel that reads and records at the cursor in
-    its own program takes the slot arrays instead (``ema_slots``, ``graph.record_slot``, ``cursor``) and marks
-    the visit ``advanced`` once it has moved the cursor on."""
+    its own program takes the slot arrays instead (``ema_slots``, ``record_slot``, ``cursor``) and marks the
+    visit ``advanced`` once it has moved the cursor on."""
 
     def __init__(self, graph: TailGraph):
         self.graph = graph
@@ -80,6 +80,9 @@ class Visit(Mapping[str, torch.Tensor]):
     @property
     def ema_slots(self) -> dict[str, torch.Tensor]:
         return self.graph.ema_slots
+
+    def record_slot(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.graph.record_slot(key, dtype)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.graph.ema_slots[key].index_select(0, self.graph.cursor).view(())

@@ -210,9 +210,9 @@ def _non_interacting_kernel(norm_ptr, num_ptr, prod_ptr, adv_ptr, out_ptr, B, K,
 
 
 @_jit
-def _interacting_kernel(k_ptr, adv_ptr, ema_ptr, out_ptr, trace_ptr, cursor_ptr, B, STRIDE, c_lambda,
+def _interacting_kernel(k_ptr, adv_ptr, ema_ptr, out_ptr, trace_ptr, cursor_ptr, B, c_lambda,
                         HAS_EMA: tl.constexpr, AT_CURSOR: tl.constexpr, ROWS: tl.constexpr):
-    # One program, the whole interacting rule from the NTK (its rows STRIDE apart): tr K / B (stored: the
+    # One program, the whole interacting rule from the (B, B) NTK: tr K / B (stored: the
     # statistic the EMA records), λ = c_λ · (EMA or tr K / B), then the damped solve on a ROWS × ROWS tile.
     # AT_CURSOR: the EMA and the trace are a graph's slot arrays, read and written at the cursor, which this
     # program then advances (graphs.TailGraph).
@@ -221,7 +221,7 @@ def _interacting_kernel(k_ptr, adv_ptr, ema_ptr, out_ptr, trace_ptr, cursor_ptr,
     if AT_CURSOR:
         pos = tl.load(cursor_ptr)
     inside = (rows[:, None] < B) & (rows[None, :] < B)
-    k = tl.load(k_ptr + rows[:, None] * STRIDE + rows[None, :], mask=inside, other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * B + rows[None, :], mask=inside, other=0.0)
     eye = rows[:, None] == rows[None, :]
     mean_trace = tl.sum(tl.sum(tl.where(eye, k, 0.0), axis=1), axis=0) / B
     tl.store(trace_ptr + pos, mean_trace)
@@ -293,7 +293,7 @@ def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Ten
     has_ema = ema_trace is not None
     # The solve's tile is B rounded up to a power of two, not the Gram kernel's 16 rows at least: its
     # elimination is a chain of one step per row.
-    _interacting_kernel[(1,)](ntk, adv.contiguous(), ema_trace if has_ema else trace, w, trace, cursor, b, b,
+    _interacting_kernel[(1,)](ntk, adv.contiguous(), ema_trace if has_ema else trace, w, trace, cursor, b,
                               float(c_lambda), HAS_EMA=has_ema, AT_CURSOR=slots is not None,
                               ROWS=_rows(b), num_warps=WEIGHTS_WARPS)
     return w, trace

@@ -268,7 +268,7 @@ def tail_update(
     if fused and a_k is None and isinstance(ema, Visit):
         # From a graph: the program reads the EMA's slot, records tr K / B into its own and moves the cursor on.
         w, _ = kernels.interacting_weights(flat, adv, ema.ema_slots.get("trK"), cfg.c_lambda,
-                                           slots=(ema.cursor, ema.graph.record_slot("trK", stat_dtype)))
+                                           slots=(ema.cursor, ema.record_slot("trK", stat_dtype)))
         ema.advanced = True
     elif fused and a_k is None:
         w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
