@@ -614,9 +614,11 @@ def _median_ci(values: list[float]) -> list[float] | None:
 
 def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows: int = 25) -> None:
     """One untimed, profiled step per mode; each mode's busiest operators (host time, and device time on
-    CUDA), then its busiest (operator, input shapes) pairs by host time, into one text file, with the step's
-    total host and device time on the heading line."""
+    CUDA), then its busiest (operator, input shapes) pairs by host time, then (CUDA) the GPU's idle time by
+    cause, into one text file, with the step's total host and device time on the heading line."""
     from torch.profiler import ProfilerActivity, profile
+
+    from . import gaps
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sections = []
@@ -644,6 +646,8 @@ def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows
         parts.append("by input shapes, host time:")
         parts.append(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
                                                                         row_limit=rows, max_shapes_column_width=60))
+        # Where the GPU waited for the host, and for which launch (bench/gaps.py).
+        parts.append(gaps.format_report(gaps.analyse(*gaps.from_profile(prof))))
         sections.append("\n".join(parts))
     write_text_atomic(path, "\n\n".join(sections) + "\n")
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import MicroBatch
+from .batch import MicroBatch, host_region
 from .config import IsopoConfig
 from .graphs import TailGraphs
 from .linear import apply_isopo_linear
@@ -108,18 +108,19 @@ class Isopo:
         one per sequence; views: other token layouts some layers see, each as the flat input positions it
         shows (``MicroBatch.add_view``). Keep the backward of this micro-batch's loss inside the block."""
         dtype = next(self.model.parameters()).dtype
-        mb = MicroBatch.build(
-            seq_ids,
-            advantages,
-            n_layers=len(self.layers),
-            k=self.cfg.num_samples,
-            seed=self.cfg.seed,
-            step=self.step,
-            index=self._micro_index,
-            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-        )
-        for positions in views:
-            mb.add_view(positions)
+        with host_region("isopo::micro_batch"):
+            mb = MicroBatch.build(
+                seq_ids,
+                advantages,
+                n_layers=len(self.layers),
+                k=self.cfg.num_samples,
+                seed=self.cfg.seed,
+                step=self.step,
+                index=self._micro_index,
+                dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+            )
+            for positions in views:
+                mb.add_view(positions)
         self._active = mb
         try:
             yield mb
@@ -129,11 +130,12 @@ class Isopo:
 
     def end_step(self) -> None:
         """Call once per optimizer step, after its micro-batches' backward passes."""
-        if self.graphs is not None:  # the graphed visits' statistics are in the graphs' slots until now
-            self.graphs.collect()
-        update_emas(layer.ema for layer in self.layers)
-        if self.graphs is not None:  # the new EMAs into the slots of the layers that will read them
-            self.graphs.refresh()
+        with host_region("isopo::end_step"):
+            if self.graphs is not None:  # the graphed visits' statistics are in the graphs' slots until now
+                self.graphs.collect()
+            update_emas(layer.ema for layer in self.layers)
+            if self.graphs is not None:  # the new EMAs into the slots of the layers that will read them
+                self.graphs.refresh()
         self.step += 1
         self._micro_index = 0
 
