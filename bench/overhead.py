@@ -82,10 +82,11 @@ MODES = (
 )
 SCALING_MODES = ("reinforce", "isopo_ni:paper", "isopo_int")
 ENGINE_SWITCHES = {"eager": ("cuda_graphs", False), "graphs": ("cuda_graphs", True),
-                   "triton": ("triton_kernels", True), "cublas": ("triton_kernels", False)}
-"""An ISOPO mode's name may end in +eager, +graphs, +triton or +cublas (several allowed): that mode's engine
-departs from the run's --cuda-graphs / --triton-kernels, so both sides of a switch run interleaved in one
-process, e.g. ``--modes isopo_int,isopo_int+triton``."""
+                   "triton": ("triton_kernels", True), "cublas": ("triton_kernels", False),
+                   "instantiate": ("strategy", "instantiate"), "gram": ("strategy", "gram")}
+"""An ISOPO mode's name may end in +eager, +graphs, +triton, +cublas, +instantiate or +gram (several allowed):
+that mode's engine departs from the run's --cuda-graphs / --triton-kernels / --strategy, so both sides of a
+switch run interleaved in one process, e.g. ``--modes isopo_int,isopo_int+triton``."""
 SCALING_T = (256, 512, 1024, 2048, 4096)
 SCALING_B = (4, 8, 16, 32)
 MODELS = ("tiny", "small", "qwen3-0.6b", "deep-narrow")
@@ -447,6 +448,7 @@ class Mode:
         name, switches = split_mode(name)
         cuda_graphs = switches.get("cuda_graphs", cuda_graphs)
         triton_kernels = switches.get("triton_kernels", triton_kernels)
+        strategy = switches.get("strategy", strategy)
         if name.startswith("isopo_ni:"):
             cfg = IsopoConfig(variant="non_interacting", setting=name.split(":", 1)[1], num_samples=num_samples,
                               chunk_bytes=chunk_bytes, compile=compile, strategy=strategy, cuda_graphs=cuda_graphs,

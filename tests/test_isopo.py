@@ -650,3 +650,55 @@ def test_overlap_samples_are_uniform_subsets_in_uniform_order(n, k):
     assert chisquare(subset_counts.numpy()).pvalue > 1e-3
     assert chisquare(torch.bincount(rows[:, 0], minlength=n).numpy()).pvalue > 1e-3
     assert chisquare(torch.bincount(rows[:, -1], minlength=n).numpy()).pvalue > 1e-3
+
+
+def test_auto_strategy_prices_the_second_matmul_of_a_chunked_g():
+    """At Qwen3-0.6B's shapes (B = 8, T = 1024, K = 250; the LM head on the 513 response columns, K ≈ 125):
+    the decoder layers form G; the LM head's G (2.5 GB in bf16) comes in blocks and must be formed twice,
+    so the non-interacting statistics take the Gram route there, and the interacting NTK (T² per pair of
+    sequences) still does not."""
+    from algorithms.isopo.statistics import choose_strategy, output_chunk
+
+    chunk_bytes = IsopoConfig().chunk_bytes
+    for d_in, d_out in [(1024, 2048), (1024, 3072), (3072, 1024)]:
+        assert output_chunk(chunk_bytes, 2, 8, d_in, d_out) is None
+        for interacting in (False, True):
+            assert choose_strategy("auto", 8, 1024, d_in, d_out, 250, interacting) == "instantiate"
+    assert output_chunk(chunk_bytes, 2, 8, 1024, 151936) is not None
+    assert choose_strategy("auto", 8, 513, 1024, 151936, 125, False, chunked=True) == "gram"
+    assert choose_strategy("auto", 8, 513, 1024, 151936, 125, False, chunked=False) == "instantiate"
+    assert choose_strategy("auto", 8, 513, 1024, 151936, 0, True, chunked=True) == "instantiate"
+    assert choose_strategy("instantiate", 8, 513, 1024, 151936, 125, False, chunked=True) == "instantiate"
+
+
+@pytest.mark.parametrize("interacting", [False, True])
+def test_gram_route_with_float32_output_matmuls_equals_the_float32_copy(monkeypatch, interacting):
+    """The Gram route's CUDA path hands bf16 a and δ straight to matmuls with float32 output
+    (``out_dtype``, which the CPU lacks): with those matmuls emulated in float32, the same statistics as
+    copying a and δ to float32 first — the same operands, transposes and reshapes."""
+    from algorithms.isopo import statistics
+
+    gen = torch.Generator().manual_seed(0)
+    b, t, d_in, d_out, k = 3, 5, 4, 6, 7
+    a = torch.randn(b, t, d_in, generator=gen).bfloat16()
+    d = torch.randn(b, t, d_out, generator=gen).bfloat16()
+    a_k, d_k = (None, None) if interacting else (a.reshape(-1, d_in)[:k], d.reshape(-1, d_out)[:k])
+    copied = statistics._gram(a, d, a_k, d_k, interacting, torch.float32)
+    calls = []
+
+    def to_float(op):
+        def emulated(x, y, out_dtype):
+            assert x.dtype == y.dtype == torch.bfloat16  # no float32 copy of the operands beforehand
+            calls.append(op)
+            return op(x.float(), y.float()).to(out_dtype)
+        return emulated
+
+    monkeypatch.setattr(torch, "bmm", to_float(torch.bmm))
+    monkeypatch.setattr(torch, "mm", to_float(torch.mm))
+    direct = statistics._gram(a, d, a_k, d_k, interacting, torch.float32, fp32_out=True)
+    assert calls  # the direct path ran
+    for got, want in [(direct.ntk, copied.ntk), (direct.norm, copied.norm), (direct.overlap_num, copied.overlap_num)]:
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

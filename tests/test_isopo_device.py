@@ -68,9 +68,11 @@ def test_isopo_on_the_device_matches_the_float64_reference(device, name):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["non_interacting", "interacting"])
-def test_bf16_autocast_on_the_device_stays_close_to_float32(device, variant):
-    """bf16 compute, float32 statistics and weights: the path CUDA runs take."""
-    cfg = IsopoConfig(variant=variant, setting="paper", num_samples=9)
+@pytest.mark.parametrize("strategy", ["auto", "gram"])
+def test_bf16_autocast_on_the_device_stays_close_to_float32(device, variant, strategy):
+    """bf16 compute, float32 statistics and weights: the path CUDA runs take (the Gram route's, on CUDA, with
+    bf16 operands straight into float32-output matmuls)."""
+    cfg = IsopoConfig(variant=variant, setting="paper", num_samples=9, strategy=strategy)
     batches = [_on(b, device) for b in step_batches(0)]
     n_tok = response_tokens(batches)
     model = tiny_qwen3(dtype=torch.float32).to(device)

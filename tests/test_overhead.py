@@ -402,7 +402,7 @@ def test_engine_switches_reach_the_isopo_config():
 
 
 def test_mode_switches_run_both_sides_of_a_switch_in_one_process(tmp_path, monkeypatch):
-    """+triton / +eager / +cublas / +graphs: each mode's engine departs from the run's defaults as its name
+    """+triton / +eager / +cublas / +graphs / +instantiate / +gram: each mode's engine departs from the run's defaults as its name
     says; the results are keyed by the full names, and a graphed mode anywhere means two warm-up rounds."""
     from bench.overhead import split_mode, validate
 
@@ -413,6 +413,9 @@ def test_mode_switches_run_both_sides_of_a_switch_in_one_process(tmp_path, monke
     assert mode.engine.cfg.triton_kernels is True and mode.engine.graphs is None
     mode = Mode("isopo_ni:paper+graphs+cublas", model, None, nullcontext, num_samples=4, triton_kernels=True)
     assert mode.engine.cfg.triton_kernels is False and mode.engine.graphs is not None
+    assert mode.engine.cfg.strategy == "auto"
+    for route in ("instantiate", "gram"):
+        assert Mode(f"isopo_ni:paper+{route}", model, None, nullcontext, num_samples=4).engine.cfg.strategy == route
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert validate(Options(device="cuda", cuda_graphs=False, modes=["isopo_int", "isopo_int+graphs"])).warmup == 2
     assert validate(Options(device="cuda", cuda_graphs=False, modes=["isopo_int", "isopo_int+triton"])).warmup == 1

@@ -124,8 +124,8 @@ class LayerPlan:
         cfg = layer.cfg
         d_in, d_out = x.shape[-1], d.shape[-1]
         k = 0 if positions is None else positions.shape[0]
-        strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, positions is None)
         chunk = output_chunk(cfg.chunk_bytes, x.element_size(), b, d_in, d_out)
+        strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, positions is None, chunked=chunk is not None)
         fp32_gram = gram_out_dtype_supported(x)
         self.kwargs = dict(cfg=cfg, b=b, t=t, strategy=strategy, chunk=chunk, fp32_gram=fp32_gram)
         self.graphable = layer.graphs is not None and strategy == "instantiate" and chunk is None
@@ -241,6 +241,9 @@ def layer_update(
     token_w = _as(w, d_flat.dtype)[token_seq]
     if token_mask is not None:
         token_w = token_w * _as(token_mask, d_flat.dtype)
+    # Σ_t w_t δ_t a_tᵀ with the narrower operand scaled: the LM head's δ is 150× wider than its input.
+    if d_in < d_out:
+        return d_flat.t() @ (x_flat * token_w.unsqueeze(1)), w, recorded
     return (d_flat * token_w.unsqueeze(1)).t() @ x_flat, w, recorded
 
 

@@ -30,16 +30,21 @@ class LayerStats:
     """(B, B) K_ij = ⟨G_i, G_j⟩_F (interacting only)."""
 
 
-def choose_strategy(strategy: str, b: int, t: int, d_in: int, d_out: int, k: int, interacting: bool) -> str:
+def choose_strategy(strategy: str, b: int, t: int, d_in: int, d_out: int, k: int, interacting: bool,
+                    chunked: bool = False) -> str:
+    """``strategy`` unless "auto"; then the route of fewer FLOPs. chunked: G would be formed in blocks of
+    output rows (``output_chunk``), so that the instantiate route cannot keep it for the update and pays a
+    second weight-gradient matmul (the LM head's case)."""
     if strategy != "auto":
         return strategy
     n = b * t
     weight_grad = 2.0 * n * d_in * d_out
+    g_passes = 2 if chunked else 1
     if interacting:
-        inst = weight_grad + 2.0 * b * b * d_in * d_out
+        inst = g_passes * weight_grad + 2.0 * b * b * d_in * d_out
         gram = weight_grad + 2.0 * n * n * (d_in + d_out)
     else:
-        inst = weight_grad + 2.0 * b * k * d_in * d_out + 2.0 * b * d_in * d_out
+        inst = g_passes * weight_grad + 2.0 * b * k * d_in * d_out + 2.0 * b * d_in * d_out
         gram = weight_grad + 2.0 * b * t * t * (d_in + d_out) + 2.0 * n * k * (d_in + d_out)
     return "instantiate" if inst <= gram else "gram"
 
@@ -63,7 +68,7 @@ def layer_stats(
     (non-interacting weights that do not read it)."""
     if strategy == "instantiate":
         return _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm)
-    return _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm)
+    return _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm, fp32_gram)
 
 
 def output_chunk(chunk_bytes: int, itemsize: int, b: int, d_in: int, d_out: int) -> int | None:
@@ -158,19 +163,34 @@ def gram_matrix(flat: torch.Tensor, stat_dtype: torch.dtype, fp32_out: bool = Fa
     return flat @ flat.t()
 
 
-def _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm=True) -> LayerStats:
-    a = a.to(stat_dtype)
-    d = d.to(stat_dtype)
+def _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm=True, fp32_out=False) -> LayerStats:
+    """fp32_out: bf16/fp16 a and δ go straight into matmuls with float32 output (CUDA), instead of being
+    copied to float32 first — for the LM head, a float32 copy of δ the size of its logits."""
+    direct = fp32_out and a.dtype != stat_dtype
+    if not direct:
+        a, d = a.to(stat_dtype), d.to(stat_dtype)
+        a_k = None if a_k is None else a_k.to(stat_dtype)
+        d_k = None if d_k is None else d_k.to(stat_dtype)
     b, t, _ = a.shape
     if interacting:
         a_flat = a.reshape(b * t, -1)
         d_flat = d.reshape(b * t, -1)
-        pair = (a_flat @ a_flat.t()) * (d_flat @ d_flat.t())  # (BT, BT) token-pair products
+        pair = _mm(a_flat, a_flat.t(), stat_dtype, direct) * _mm(d_flat, d_flat.t(), stat_dtype, direct)  # (BT, BT)
         ntk = pair.reshape(b, t, b, t).sum(dim=(1, 3))
         return LayerStats(norm=None, overlap_num=None, ntk=ntk)
     norm = None
     if need_norm:
-        norm = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2)).sqrt()
+        norm = (_mm(a, a.transpose(1, 2), stat_dtype, direct)
+                * _mm(d, d.transpose(1, 2), stat_dtype, direct)).sum(dim=(1, 2)).sqrt()
     # δ_kᵀ G_i a_k = Σ_{t∈i} (δ_k·δ_t)(a_t·a_k)
-    overlap_num = ((a @ a_k.to(stat_dtype).t()) * (d @ d_k.to(stat_dtype).t())).sum(1)
-    return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None)
+    a_dot = _mm(a.reshape(b * t, -1), a_k.t(), stat_dtype, direct).view(b, t, -1)
+    d_dot = _mm(d.reshape(b * t, -1), d_k.t(), stat_dtype, direct).view(b, t, -1)
+    return LayerStats(norm=norm, overlap_num=(a_dot * d_dot).sum(1), ntk=None)
+
+
+def _mm(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, direct: bool) -> torch.Tensor:
+    """x @ y (2-D, or batched 3-D) in dtype: direct, low-precision operands into a matmul with a dtype
+    output (CUDA only); else operands already in dtype."""
+    if not direct:
+        return x @ y
+    return (torch.bmm if x.dim() == 3 else torch.mm)(x, y, out_dtype=dtype)
