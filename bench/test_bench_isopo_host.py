@@ -102,3 +102,27 @@ def test_norm_stack_step(benchmark, variant):
     model = nn.Sequential(*[Qwen3RMSNorm(WIDTH) for _ in range(LAYERS)], nn.Linear(WIDTH, WIDTH, bias=False))
     engine = Isopo(model, VARIANTS[variant].replace(cuda_graphs=False)) if variant != "plain" else None
     _time_stack(benchmark, model, engine, f"host cost, {LAYERS} RMSNorms")
+
+
+def test_micro_batch_bookkeeping(benchmark):
+    """What an ISOPO micro-batch costs the host before and at its first layer's backward, at Qwen3-0.6B's
+    step (B=8, T=1024, 197 linear layers, K=250, the LM head on the 513 response columns): the token layout,
+    the LM head's view, every layer's overlap sample drawn and mapped into the view, and both layouts'
+    samples handed to the device (here the CPU)."""
+    from algorithms.isopo import MicroBatch
+
+    b, t, n_layers, first = 8, 1024, 197, 511
+    seq_ids = torch.arange(b).unsqueeze(1).expand(b, t).contiguous()
+    advantages = torch.randn(b, generator=torch.Generator().manual_seed(0))
+    view = torch.arange(b * t).view(b, t)[:, first:]
+    index = iter(range(10**9))
+
+    def bookkeeping():
+        mb = MicroBatch.build(seq_ids, advantages, n_layers=n_layers, k=250, seed=0, step=0, index=next(index),
+                              dtype=torch.float32)
+        layout = mb.add_view(view)
+        return layout.samples[n_layers - 1], mb.main.samples[0]
+
+    benchmark.group = "host cost, one micro-batch's bookkeeping"
+    view_rows, main_rows = benchmark.pedantic(bookkeeping, rounds=30, iterations=1, warmup_rounds=3)
+    assert main_rows.numel() == 250 and 0 < view_rows.numel() < 250
