@@ -9,8 +9,9 @@ ISOPO's graphed path with the replay's own cost left out — the tails run on a 
 launch is a CUDA driver call that only a GPU can time (``cudaGraphLaunch`` in ``bench overhead --profile``).
 Divide the difference to ``plain`` by LAYERS for the host's extra µs per layer. ``test_norm_stack_step``
 does the same for LAYERS Qwen3 RMSNorms (their gains take ISOPO's REINFORCE gradient through a per-token
-expansion, ``params.PerTokenParam``; Qwen3-0.6B runs 113 norms a step beside its 197 linear layers). Not part
-of the default test run; run with
+expansion, ``params.PerTokenParam``; Qwen3-0.6B runs 113 norms a step beside its 197 linear layers).
+``test_micro_batch_bookkeeping`` times what one micro-batch costs the host once, at Qwen3-0.6B's step: its
+token layouts and every layer's overlap sample. Not part of the default test run; run with
 
     .venv/bin/python -m pytest bench/test_bench_isopo_host.py --benchmark-enable
 """
