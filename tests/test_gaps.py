@@ -119,3 +119,36 @@ def test_a_real_isopo_profile_puts_its_host_work_in_regions_and_context():
     assert set(report.by_cause) == {("IsopoLinearFunctionBackward", "aten::bmm")}
     assert set(report.by_phase) == {"backward"}
     assert "isopo::micro_batch" in report.by_region  # the first gap runs from the step's start
+
+
+def test_from_profile_keeps_kernels_copies_and_operators_only():
+    """The CUDA reading, on stand-in kineto events: kernels, copies and memsets are the device's work (a
+    GPU-side annotation spans gaps, so it is not); operators, autograd nodes and regions are the host's,
+    and CUDA runtime calls, which link to their operator as its kernels do, are left out."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, device, kind, corr=0, linked=0, thread=1, is_async=False):
+        return SimpleNamespace(
+            name=lambda: name, start_ns=lambda: start, end_ns=lambda: end, duration_ns=lambda: end - start,
+            device_type=lambda: device, activity_type=lambda: kind, correlation_id=lambda: corr,
+            linked_correlation_id=lambda: linked, start_thread_id=lambda: thread, is_async=lambda: is_async)
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        event("aten::mm", 0, 50, cpu, "cpu_op", corr=7),
+        event("cudaLaunchKernel", 10, 20, cpu, "cuda_runtime", corr=7, linked=7),  # the runtime call's id is 7 too
+        event("isopo::draw_samples", 60, 90, cpu, "user_annotation", corr=8),
+        event("gemm_kernel", 100, 200, cuda, "kernel", corr=40, linked=7),
+        event("Memcpy HtoD", 210, 220, cuda, "gpu_memcpy", linked=7),
+        event("Memset", 230, 231, cuda, "gpu_memset", linked=7),
+        event("isopo::draw_samples", 100, 400, cuda, "gpu_user_annotation", linked=8),
+        event("aten::empty", 5, 6, cpu, "cpu_op", corr=9, is_async=True),
+    ]
+    prof = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: events)))
+    ops, spans = from_profile(prof)
+    assert [(op.name, op.id) for op in ops] == [("aten::mm", 7), ("isopo::draw_samples", 8)]
+    assert spans == [DeviceSpan(100, 200, 7), DeviceSpan(210, 220, 7), DeviceSpan(230, 231, 7)]
+    report = analyse(ops, spans)
+    assert report.busy_ns == 111 and report.by_cause[("(top level)", "aten::mm")] == (120, 3, 100)
