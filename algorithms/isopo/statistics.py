@@ -139,8 +139,8 @@ _MM_OUT_DTYPE: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 def gram_out_dtype_supported(x: torch.Tensor) -> bool:
-    """Whether a bf16/fp16 CUDA tensor can go straight into a matmul with float32 output (``torch.mm``'s
-    ``out_dtype``, CUDA only), probed once per device and dtype."""
+    """Whether a bf16/fp16 CUDA tensor can go straight into a matmul with float32 output (``torch.mm``'s and
+    ``torch.bmm``'s ``out_dtype``, CUDA only), probed once per device and dtype."""
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     key = (x.device, x.dtype)
@@ -148,6 +148,7 @@ def gram_out_dtype_supported(x: torch.Tensor) -> bool:
         try:
             probe = x.new_ones(1, 1)
             torch.mm(probe, probe, out_dtype=torch.float32)
+            torch.bmm(probe[None], probe[None], out_dtype=torch.float32)
             _MM_OUT_DTYPE[key] = True
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_OUT_DTYPE[key] = False
