@@ -622,7 +622,7 @@ def test_batched_ema_update_equals_each_layers_own_rule():
                 assert torch.equal(ema.value[key], value), (step, key)
 
 
-@pytest.mark.parametrize("n, k", [(8192, 250), (600, 250), (300, 250), (6, 10)])
+@pytest.mark.parametrize("n, k", [(8192, 250), (600, 250), (300, 250), (6, 10), (40_000, 30_000)])  # last: layers in blocks
 def test_overlap_samples_are_k_distinct_valid_positions_per_layer_and_repeat_with_the_seed(n, k):
     samples = draw_overlap_samples(n, k, 197, seed=3, step=2, micro=1)
     k = min(k, n)

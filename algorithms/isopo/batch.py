@@ -29,17 +29,29 @@ def draw_overlap_samples(n_valid: int, k: int, n_layers: int, seed: int, step: i
     """
     rng = np.random.Generator(np.random.PCG64(_mix(seed, step, micro)))
     k = min(k, n_valid)
-    if 2 * k > n_valid:
-        # Dense: a random ranking of every token, its first K (rejection below would redraw too often).
-        return torch.from_numpy(np.argsort(rng.random((n_layers, n_valid)), axis=1)[:, :k].copy())
-    return torch.from_numpy(_first_distinct(rng, n_valid, k, n_layers))
+    dense = 2 * k > n_valid  # rejection (below) would redraw too often: rank every token instead
+    draw, width = (_ranked_first, n_valid) if dense else (_first_distinct, _first_width(n_valid, k))
+    per_block = max(1, 2**22 // width)  # layers drawn together: ~32 MB of draws at most
+    return torch.from_numpy(np.concatenate([draw(rng, n_valid, k, min(per_block, n_layers - start))
+                                            for start in range(0, n_layers, per_block)]))
+
+
+def _ranked_first(rng: np.random.Generator, n: int, k: int, rows: int) -> np.ndarray:
+    """(rows, k): per row, the first k of a uniformly random ranking of [0, n)."""
+    return np.argsort(rng.random((rows, n)), axis=1)[:, :k]
+
+
+def _first_width(n: int, k: int) -> int:
+    """Draws per row to start with: a little over the n·ln(n / (n − k)) that k distinct values take on
+    average."""
+    return k + 16 + 2 * k * k // n
 
 
 def _first_distinct(rng: np.random.Generator, n: int, k: int, rows: int) -> np.ndarray:
     """(rows, k): per row, the first k distinct values of a sequence of independent uniform draws from
     [0, n) — a uniform k-subset in uniform random order, i.e. a draw without replacement. For k ≤ n / 2 a
     row needs n·ln(n / (n − k)) ≤ 1.39 k draws on average; rows short of k distinct values get more."""
-    width = k + 16 + 2 * k * k // n
+    width = _first_width(n, k)
     draws = rng.integers(0, n, (rows, width))
     while True:
         m = draws.shape[1]
