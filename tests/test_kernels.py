@@ -221,6 +221,32 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_an_interacting_layer_formed_in_blocks_takes_the_gram_kernel_per_block(device, monkeypatch):
+    """A G too large to hold (the LM head) is formed a block of output rows at a time; with the kernels each
+    block's share of the NTK comes from the Gram kernel (not cuBLAS's split-K matmul): the same gradients as
+    the torch path, and the kernel ran once per block."""
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
+    calls = []
+    real = kernels.gram_parts
+    monkeypatch.setattr(kernels, "gram_parts", lambda g: calls.append(g.shape) or real(g))
+    cfg = IsopoConfig(variant="interacting", setting=None, c_lambda=0.5, strategy="instantiate", chunk_bytes=40_000,
+                      cuda_graphs=False, triton_kernels=False)
+    model = tiny_qwen3(dtype=torch.float32).to(device)
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in step_batches(0)]
+    n_tok = response_tokens(batches)
+    expected = efficient_step(model, Isopo(model, cfg), batches, n_tok)
+    assert not calls
+    got = efficient_step(model, Isopo(model, cfg.replace(triton_kernels=True)), batches, n_tok)
+    for name, ref in expected.items():
+        err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
+        assert err < 1e-5, f"{name}: {err:.2e}"
+    # Blocks: fewer output rows than the layer has (40 kB of float32 G at a time).
+    widths = {shape[1] for shape in calls}
+    assert len(calls) > len(widths) and max(widths) <= 40_000 // 4 // 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["non_interacting", "interacting"])
 def test_the_fused_tails_in_graphs_under_bf16_autocast_match_the_torch_path(device, variant, monkeypatch):
     """The benchmark's CUDA path: bf16 autocast, the layer tails captured as graphs, from G to the weights in

@@ -235,7 +235,8 @@ def layer_update(
 
     stat_dtype = _stat_dtype(x_flat.dtype)
     stats = layer_stats(a3, d3, a_k, d_k, interacting=positions is None, strategy=strategy, chunk=chunk,
-                        stat_dtype=stat_dtype, fp32_gram=fp32_gram, need_norm=needs_norm(cfg))
+                        stat_dtype=stat_dtype, fp32_gram=fp32_gram, need_norm=needs_norm(cfg),
+                        use_kernels=cfg.kernels_enabled)
     recorded: dict[str, torch.Tensor] = {}
     w = _weights(stats, a_k, d_k, adv, cfg, ema, recorded, stat_dtype)
     token_w = _as(w, d_flat.dtype)[token_seq]

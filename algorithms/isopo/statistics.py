@@ -61,13 +61,15 @@ def layer_stats(
     stat_dtype: torch.dtype,
     fp32_gram: bool = False,
     need_norm: bool = True,
+    use_kernels: bool = False,
 ) -> LayerStats:
     """a: (B, T, in), d: (B, T, out); a_k: (K, in), d_k: (K, out) the sampled tokens (non-interacting).
     chunk: output rows of G formed at once (None: all of them); fp32_gram: this device has a matmul from
     bf16/fp16 straight to float32 (see ``gram_out_dtype_supported``); need_norm: False leaves N_i out
-    (non-interacting weights that do not read it)."""
+    (non-interacting weights that do not read it); use_kernels: the NTK of G or of its blocks by the Triton
+    Gram kernel where usable (``IsopoConfig.triton_kernels``)."""
     if strategy == "instantiate":
-        return _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm)
+        return _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm, use_kernels)
     return _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm, fp32_gram)
 
 
@@ -77,16 +79,16 @@ def output_chunk(chunk_bytes: int, itemsize: int, b: int, d_in: int, d_out: int)
     return None if chunk >= d_out else chunk
 
 
-def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm) -> LayerStats:
+def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm, use_kernels) -> LayerStats:
     d_out = d.shape[-1]
     if chunk is None:
-        return grad_stats(torch.bmm(d.transpose(1, 2), a), a_k, d_k, stat_dtype, fp32_gram, need_norm)
+        return grad_stats(torch.bmm(d.transpose(1, 2), a), a_k, d_k, stat_dtype, fp32_gram, need_norm, use_kernels)
     n_sq = overlap_num = ntk = None
     for lo in range(0, d_out, chunk):
         hi = min(d_out, lo + chunk)
         g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): these output rows of every G_i
         if interacting:
-            part = gram_matrix(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram)
+            part = _ntk(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram, use_kernels)
             ntk = part if ntk is None else ntk + part
             continue
         part_norm, part_o = _block_stats(g, a_k, d_k[:, lo:hi], stat_dtype, need_norm)
@@ -104,13 +106,19 @@ def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | No
     """The statistics from the per-sequence gradients g (B, out, in) formed in one piece; a_k is None for
     the interacting variant. use_kernels: the NTK by the Triton Gram kernel where ``kernels.usable``
     (``IsopoConfig.triton_kernels``); the norms stay torch's, whose reduction reads G twice as fast."""
-    flat = g.view(g.shape[0], -1)
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
-        by_kernel = use_kernels and stat_dtype == torch.float32 and kernels.usable(flat)
-        ntk = kernels.gram(flat) if by_kernel else gram_matrix(flat, stat_dtype, fp32_gram)
-        return LayerStats(norm=None, overlap_num=None, ntk=ntk)
+        return LayerStats(norm=None, overlap_num=None, ntk=_ntk(g.view(g.shape[0], -1), stat_dtype, fp32_gram,
+                                                                use_kernels))
     norm, overlap_num = _block_stats(g, a_k, d_k, stat_dtype, need_norm)
     return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None)
+
+
+def _ntk(flat: torch.Tensor, stat_dtype: torch.dtype, fp32_gram: bool, use_kernels: bool) -> torch.Tensor:
+    """flat flatᵀ for G or a block of its rows, (B, ·): by the Gram kernel where it is usable, else a matmul
+    (cuBLAS runs this 8 × 8 output with its huge inner dimension far from memory speed; BENCHMARKS.md)."""
+    if use_kernels and stat_dtype == torch.float32 and kernels.usable(flat):
+        return kernels.gram(flat)
+    return gram_matrix(flat, stat_dtype, fp32_gram)
 
 
 def _block_stats(g, a_k, d_k, stat_dtype, need_norm) -> tuple[torch.Tensor | None, torch.Tensor]:
