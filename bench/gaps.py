@@ -65,20 +65,9 @@ class Gap:
         return self.end - self.start
 
 
-def busy_intervals(spans: list[DeviceSpan]) -> list[tuple[int, int]]:
-    """The union of the spans' intervals, sorted (concurrent kernels on several streams count once)."""
-    merged: list[list[int]] = []
-    for s in sorted(spans, key=lambda s: s.start):
-        if merged and s.start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], s.end)
-        else:
-            merged.append([s.start, s.end])
-    return [(a, b) for a, b in merged]
-
-
 def idle_gaps(spans: list[DeviceSpan], window_start: int) -> list[Gap]:
     """Every interval after ``window_start`` (the step's start) in which the device ran nothing, up to its
-    last activity, each with the span that ended it."""
+    last activity, each with the span that ended it (concurrent spans, on several streams, count once)."""
     ordered = sorted(spans, key=lambda s: s.start)
     gaps = []
     busy_until = window_start
@@ -173,7 +162,7 @@ def analyse(ops: list[HostOp], spans: list[DeviceSpan], top: int = 12) -> IdleRe
     start = min(op.start for op in ops)
     end = max(s.end for s in spans)
     gaps = idle_gaps(spans, start)
-    busy = sum(b - a for a, b in busy_intervals(spans) if b > start)
+    busy = end - start - sum(gap.length for gap in gaps)
     by_phase: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     by_cause: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     by_region: dict[str, int] = defaultdict(int)
