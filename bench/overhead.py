@@ -130,7 +130,7 @@ class Options:
     cuda_graphs: bool | None = None
     """ISOPO modes replay each layer's tail as a CUDA graph (``IsopoConfig.cuda_graphs``; CUDA only). None:
     on with ``--device cuda`` unless ``--compile``, as ``IsopoConfig``'s default."""
-    strategy: str = "auto"
+    strategy: str = IsopoConfig.strategy
     """ISOPO's per-layer statistics route (``IsopoConfig.strategy``): auto, instantiate or gram."""
     optimizer: bool = False
     json: str | None = None
@@ -436,8 +436,9 @@ class Mode:
     (``ENGINE_SWITCHES``) override ``cuda_graphs`` / ``triton_kernels`` for this mode."""
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
-                 chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False, strategy: str = "auto",
-                 cuda_graphs: bool = False, triton_kernels: bool = IsopoConfig.triton_kernels):
+                 chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False,
+                 strategy: str = IsopoConfig.strategy, cuda_graphs: bool = False,
+                 triton_kernels: bool = IsopoConfig.triton_kernels):
         from .hooks_baseline import HooksIsopo
 
         self.name = name
