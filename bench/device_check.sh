@@ -9,8 +9,7 @@
 #      and on CUDA isopo_ni:paper and isopo_int +cublas too (the torch path: cuBLAS, cuSOLVER);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
 #      interleaved in one process with the same two ISOPO modes +eager (every layer eager) and +cublas (the
-#      torch path), and isopo_ni:paper+instantiate (the LM head's G formed in blocks, not its Gram route),
-#      then one profiled step per mode (profile.txt: where the host's and the device's time
+#      torch path), then one profiled step per mode (profile.txt: where the host's and the device's time
 #      goes, and the GPU's idle time by phase, by the launch it waited for and by ISOPO host region);
 #   4. only with COMPILE=1: step 3's three modes with --compile (two warm-up rounds, which compile), stopped
 #      after COMPILE_TIMEOUT s (150);
@@ -64,7 +63,7 @@ three=reinforce,isopo_ni:paper,isopo_int
 switched=$three
 every=reinforce,isopo_ni:paper,isopo_ni:overlap,isopo_ni:rel_overlap,isopo_int,isopo_ni_hooks,isopo_int_hooks
 if [ "$device" = cuda ]; then
-    switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+cublas,isopo_int+cublas,isopo_ni:paper+instantiate
+    switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+cublas,isopo_int+cublas
     every=$every,isopo_ni:paper+cublas,isopo_int+cublas
 fi
 overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>&1 | tee -a "$out/overhead.log"; }

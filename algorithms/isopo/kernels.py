@@ -51,9 +51,9 @@ SUM_BLOCK = 1024
 (256, with the rows padded to 16, ran at a tenth of memory speed on an H200; BENCHMARKS.md, session 11).
 ``python -m bench.kernel_configs`` times the alternatives on a GPU."""
 SUM_WARPS = 4
-SOLVE_WARPS = 4
-"""Warps of the B × B solve's one program (``damped_solve``): on a 16-row tile 4 ran it in 25 µs on an H200,
-1 in 43 µs (the tile is now B rounded up to a power of two)."""
+SOLVE_WARPS = 1
+"""Warps of the B × B solve's one program (``damped_solve``): on the 8-row tile of B = 8 an H200 ran it in
+5.0 µs with 1 warp, 6.1 with 2 and 6.2 with 4 (graph replays, ``python -m bench.kernel_configs``, session 14)."""
 WEIGHTS_WARPS = 1
 """Warps of the one program from the statistics to the weights (``interacting_weights``: tr K, λ and the
 solve; ``non_interacting_weights``): 1 to 4 ran alike on an H200 (BENCHMARKS.md, session 11)."""

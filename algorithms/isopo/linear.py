@@ -125,7 +125,7 @@ class LayerPlan:
         d_in, d_out = x.shape[-1], d.shape[-1]
         k = 0 if positions is None else positions.shape[0]
         chunk = output_chunk(cfg.chunk_bytes, x.element_size(), b, d_in, d_out)
-        strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, positions is None, chunked=chunk is not None)
+        strategy = choose_strategy(cfg.strategy, b, t, d_in, d_out, k, positions is None)
         fp32_gram = gram_out_dtype_supported(x)
         self.kwargs = dict(cfg=cfg, b=b, t=t, strategy=strategy, chunk=chunk, fp32_gram=fp32_gram)
         self.graphable = layer.graphs is not None and strategy == "instantiate" and chunk is None

@@ -30,21 +30,21 @@ class LayerStats:
     """(B, B) K_ij = ⟨G_i, G_j⟩_F (interacting only)."""
 
 
-def choose_strategy(strategy: str, b: int, t: int, d_in: int, d_out: int, k: int, interacting: bool,
-                    chunked: bool = False) -> str:
-    """``strategy`` unless "auto"; then the route of fewer FLOPs. chunked: G would be formed in blocks of
-    output rows (``output_chunk``), so that the instantiate route cannot keep it for the update and pays a
-    second weight-gradient matmul (the LM head's case)."""
+def choose_strategy(strategy: str, b: int, t: int, d_in: int, d_out: int, k: int, interacting: bool) -> str:
+    """``strategy`` unless "auto"; then the route of fewer FLOPs. A G formed in blocks (the LM head) is
+    priced as one formed whole: counting the second weight-gradient matmul its update needs sends
+    Qwen3-0.6B's non-interacting LM head to the Gram route (2.08 against 2.87 TFLOP), and that step ran
+    slower on an H200, 1.159× of REINFORCE against 1.102× (BENCHMARKS.md, session 14): the Gram route's
+    T × T products and float32-output matmuls run far below the device's matmul speed."""
     if strategy != "auto":
         return strategy
     n = b * t
     weight_grad = 2.0 * n * d_in * d_out
-    g_passes = 2 if chunked else 1
     if interacting:
-        inst = g_passes * weight_grad + 2.0 * b * b * d_in * d_out
+        inst = weight_grad + 2.0 * b * b * d_in * d_out
         gram = weight_grad + 2.0 * n * n * (d_in + d_out)
     else:
-        inst = g_passes * weight_grad + 2.0 * b * k * d_in * d_out + 2.0 * b * d_in * d_out
+        inst = weight_grad + 2.0 * b * k * d_in * d_out + 2.0 * b * d_in * d_out
         gram = weight_grad + 2.0 * b * t * t * (d_in + d_out) + 2.0 * n * k * (d_in + d_out)
     return "instantiate" if inst <= gram else "gram"
 
