@@ -16,7 +16,7 @@
 #   5. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes,
 #      eagerly and from CUDA-graph replays (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (120);
 #      then (CUDA only) the Triton kernels' launch settings against the torch operations they replace
-#      (`python -m bench.kernel_configs`, appended to layer-costs.txt), stopped after KERNEL_CONFIGS_TIMEOUT s (90);
+#      (`python -m bench.kernel_configs`, appended to layer-costs.txt), stopped after KERNEL_CONFIGS_TIMEOUT s (120);
 #   6. the host-cost micro-benchmark on this host's CPU (bench/test_bench_isopo_host.py, ~15 s, appended to
 #      overhead.log): how this host's Python compares with the CPU where the host-side work is measured;
 #   7. the scaling sweep of reinforce / isopo_ni:paper / isopo_int (SCALING_T at B=SCALING_AT_B, default
@@ -29,8 +29,8 @@
 # Writes machine.txt, device_tests.log, overhead.log, profile.txt, layer-costs.txt and three JSON files into
 # OUT (eight files, as many as a lent machine sends back; nine with COMPILE=1); exits 1 if any step failed.
 # DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here; step 3 then runs its
-# three plain modes). On an H200 the whole call took 334 s at c8a2eb7 (2026-11-27, before the kernel-settings
-# step, which adds up to 90 s), plus ~30 s to start the machine; a CPU dry run (DEVICE=cpu MODEL=tiny
+# three plain modes). On an H200 the whole call took 393 s at d2fd120 (2026-11-27, session 14, with BUDGET_S=530),
+# plus ~30 s to start the machine; a CPU dry run (DEVICE=cpu MODEL=tiny
 # REPEATS=2 BUDGET_S=150) stops at ~210 s with 7 files (the CUDA-only kernel step and the cut sweep missing).
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
@@ -80,7 +80,7 @@ fi
 timeout "$(cap "${LAYER_COSTS_TIMEOUT:-120}")" "$py" -m bench layer-costs --device "$device" --model "$model" 2>&1 \
     | tee "$out/layer-costs.txt" || status=1
 if [ "$device" = cuda ]; then
-    timeout "$(cap "${KERNEL_CONFIGS_TIMEOUT:-90}")" "$py" -m bench.kernel_configs --model "$model" --repeats 20 2>&1 \
+    timeout "$(cap "${KERNEL_CONFIGS_TIMEOUT:-120}")" "$py" -m bench.kernel_configs --model "$model" --repeats 20 2>&1 \
         | tee -a "$out/layer-costs.txt" || status=1
 fi
 timeout "$(cap 120)" "$py" -m pytest -q -p no:cacheprovider bench/test_bench_isopo_host.py --benchmark-enable \

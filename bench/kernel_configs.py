@@ -25,10 +25,14 @@ from .layer_costs import linear_shapes, replay_us
 from .overhead import OverheadError, check_model_and_device
 
 SUM_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (2, 4, 8)]
-GRAM_SETTINGS = ([(256, warps, stages, 4) for warps in (4, 8) for stages in (2, 3, 4)]
-                 + [(256, 4, 3, waves) for waves in (8, 16)] + [(512, 4, 3, 4), (512, 8, 4, 8)])
-"""(block, warps, stages, waves): the Gram kernel's warps and pipeline depth, then more programs (more reads in
-flight, more partials to sum), then longer tiles."""
+GRAM_SETTINGS = [(256, 4, 3, 4), (256, 4, 4, 4), (256, 4, 3, 8), (512, 4, 3, 4)]
+"""(block, warps, stages, waves) of the tensor-core Gram kernel: the default, a deeper pipeline, more programs
+(more reads in flight, more partials to sum), longer tiles. On an H200 (session 14) 8 warps ran it 1.6×
+slower and no setting read G faster than the default (BENCHMARKS.md)."""
+OUTER_SETTINGS = [(block, warps) for block in (64, 128, 256) for warps in (4, 8)]
+"""(columns per tile, warps) of the outer-product Gram kernel (``GRAM_IMPL = "outer"``)."""
+NORMS_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (4, 8)]
+"""(columns per tile, warps) of the row-norm kernel, against torch's ``vector_norm`` ("norms torch")."""
 WARPS = (1, 2, 4)
 
 
@@ -72,6 +76,12 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     for block, warps, stages, waves in GRAM_SETTINGS:
         out[f"gram block={block} warps={warps} stages={stages} waves={waves}"] = under(
             lambda: kernels.gram(flat), BLOCK=block, GRAM_WARPS=warps, GRAM_STAGES=stages, GRAM_WAVES=waves)
+    for block, warps in OUTER_SETTINGS:
+        out[f"gram outer block={block} warps={warps}"] = under(
+            lambda: kernels.gram(flat), GRAM_IMPL="outer", OUTER_BLOCK=block, OUTER_WARPS=warps)
+    for block, warps in NORMS_SETTINGS:
+        out[f"norms kernel block={block} warps={warps}"] = under(lambda: kernels.row_norms(flat),
+                                                                 NORMS_BLOCK=block, NORMS_WARPS=warps)
     for warps in WARPS:
         out[f"damped_solve warps={warps}"] = under(lambda: kernels.damped_solve(ntk, w, lam), SOLVE_WARPS=warps)
     for warps in WARPS:

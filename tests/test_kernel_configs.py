@@ -61,11 +61,13 @@ def test_every_candidate_runs_and_the_kernels_agree_with_their_torch_operation()
     found = kernel_configs.candidates(8, 24, 40, device=device, dtype=torch.float32)
     results = {name: fn() for name, fn in found.items()}
     assert len(found) == 3 + len(kernel_configs.SUM_SETTINGS) + len(kernel_configs.GRAM_SETTINGS) \
-        + 2 * len(kernel_configs.WARPS)
+        + len(kernel_configs.OUTER_SETTINGS) + len(kernel_configs.NORMS_SETTINGS) + 2 * len(kernel_configs.WARPS)
     for name, got in results.items():
         if name.startswith("weighted_sum block"):
             torch.testing.assert_close(got, results["weighted_sum torch"], rtol=1e-5, atol=1e-5)
         elif name.startswith("gram"):
             torch.testing.assert_close(got, results["ntk torch"], rtol=1e-5, atol=1e-4)
+        elif name.startswith("norms kernel"):
+            torch.testing.assert_close(got, results["norms torch"], rtol=1e-5, atol=1e-5)
     solves = [v for k, v in results.items() if k.startswith("damped_solve")]
     assert all(torch.equal(s, solves[0]) for s in solves[1:])

@@ -51,6 +51,31 @@ def test_weighted_sum_and_gram_match_float64(device, dtype, b, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("b", "n"), SHAPES)
+def test_outer_product_gram_and_row_norms_match_float64(device, dtype, b, n, monkeypatch):
+    """The candidates for the two reads of G that are not at memory speed: the Gram matrix by per-column
+    outer products (``GRAM_IMPL = "outer"``; past ``OUTER_MAX_ROWS`` rows the tensor-core kernel runs) at
+    small and odd tile and run lengths, and the row norms."""
+    gen = torch.Generator().manual_seed(b * 1000 + n + 1)
+    g = torch.randn(b, n, generator=gen).to(device, dtype)
+    exact_gram = g.double() @ g.double().t()
+    monkeypatch.setattr(kernels, "GRAM_IMPL", "outer")
+    if b <= kernels.OUTER_MAX_ROWS:
+        monkeypatch.setattr(kernels, "_gram_kernel", None)  # the tensor-core kernel must not be reached
+    for block, waves in ((128, 4), (32, 64)):  # (32, 64): short tiles, more programs
+        monkeypatch.setattr(kernels, "OUTER_BLOCK", block)
+        monkeypatch.setattr(kernels, "GRAM_WAVES", waves)
+        parts = kernels.gram_parts(g)
+        assert parts.dtype == torch.float32 and parts.shape[1:] == (b, b)
+        assert float((parts.sum(0).double() - exact_gram).norm() / exact_gram.norm()) < 1e-6
+    exact_norms = g.double().norm(dim=1)
+    norms = kernels.row_norms(g)
+    assert norms.dtype == torch.float32 and norms.shape == (b,)
+    assert float((norms.double() - exact_norms).abs().max() / exact_norms.max()) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b", [1, 5, 8, 16, 33])
 def test_damped_solve_matches_float64_and_falls_back_to_the_advantages(device, b):
     """λ (K + λI)⁻¹ A against torch's float64 solve; A where λ = 0 or the factorisation fails, as the torch
@@ -180,14 +205,20 @@ def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2", "ignore:invalid value encountered in multiply")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["non_interacting", "interacting"])
-def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, monkeypatch):
+@pytest.mark.parametrize("reads", ["default", "candidates"])
+def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, reads, monkeypatch):
     """Two float32 steps (the EMAs change between them) through the engine's eager and graph paths, with the
-    kernels and without: the same gradients. On a CPU the kernels are admitted for CPU tensors, interpreted."""
+    kernels and without: the same gradients. On a CPU the kernels are admitted for CPU tensors, interpreted.
+    reads="candidates": the Gram matrix by outer products and the norms by the row-norm kernel."""
     if device == "cpu":
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
+    if reads == "candidates":
+        monkeypatch.setattr(kernels, "GRAM_IMPL", "outer")
+        monkeypatch.setattr(kernels, "NORMS_IMPL", "kernel")
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
                       strategy="instantiate", cuda_graphs=False, triton_kernels=True)
-    calls = {"gram_parts": 0, "weighted_sum": 0, "interacting_weights": 0, "non_interacting_weights": 0}
+    calls = {"gram_parts": 0, "weighted_sum": 0, "interacting_weights": 0, "non_interacting_weights": 0,
+             "row_norms": 0}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -215,7 +246,8 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, mon
                 assert err < 1e-5, f"{name}: {err:.2e}"
     assert not graphed.graphs.failed  # else the graph path fell back to the eager one, untested
     assert calls["weighted_sum"] > 0
-    assert (calls["gram_parts"] > 0) == (variant == "interacting")  # the norms are torch's
+    assert (calls["gram_parts"] > 0) == (variant == "interacting")  # the norms: torch's or the row-norm kernel's
+    assert (calls["row_norms"] > 0) == (variant == "non_interacting" and reads == "candidates")
     assert (calls["interacting_weights"] > 0) == (variant == "interacting")
     assert (calls["non_interacting_weights"] > 0) == (variant == "non_interacting")
 

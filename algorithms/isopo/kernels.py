@@ -46,6 +46,23 @@ H200, a third of memory speed; ``python -m bench.kernel_configs`` times the alte
 GRAM_WAVES = 4
 """Gram programs per multiprocessor (about): more keep more of G's reads in flight, and leave more partials
 to sum."""
+GRAM_IMPL = "dot"
+"""How the Gram kernel multiplies: "dot", each (rows, BLOCK) tile by its transpose on the tensor cores (rows
+padded to 16); "outer", the rows' outer product per column on the CUDA cores, summed over columns once at
+the end (``_gram_outer_kernel``: the weighted sum's read pattern, which reads G near memory speed, and
+ROWS² float32 products a column, for B ≤ ``OUTER_MAX_ROWS``). ``python -m bench.kernel_configs`` times both."""
+OUTER_MAX_ROWS = 16
+OUTER_BLOCK = 128
+OUTER_WARPS = 4
+"""The outer-product Gram kernel's columns per tile and warps: its accumulator holds ROWS² × OUTER_BLOCK
+float32 values per program."""
+NORMS_IMPL = "torch"
+"""Where the non-interacting norms ‖G_i‖ of the kernel path come from: "torch" (``vector_norm``, ~2.6 TB/s on
+an H200) or "kernel" (``row_norms``). ``python -m bench.kernel_configs`` times both."""
+NORMS_BLOCK = 1024
+NORMS_WARPS = 4
+"""The row-norm kernel's columns per tile and warps (``row_norms``: the sums of squares in the weighted
+sum's read pattern)."""
 SUM_BLOCK = 1024
 """Columns of G per program of the weighted-sum kernel: a pure read of G, which wants long rows per program
 (256, with the rows padded to 16, ran at a tenth of memory speed on an H200; BENCHMARKS.md, session 11).
@@ -111,6 +128,37 @@ def _gram_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr,
             acc += tl.dot(tile, tl.trans(tile))
     inside = (rows[:, None] < B) & (rows[None, :] < B)
     tl.store(part_ptr + pid * B * B + rows[:, None] * B + rows[None, :], acc, mask=inside)
+
+
+@_jit
+def _gram_outer_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    # Program p: its run of STEPS tiles' share of g gᵀ as each column's outer product, accumulated per column
+    # in float32 and summed over the columns once, at the end (no tensor-core tile, no padding rows).
+    pid = tl.program_id(0)
+    rows = tl.arange(0, ROWS)
+    acc = tl.zeros((ROWS, ROWS, BLOCK), dtype=tl.float32)
+    for step in range(STEPS):
+        cols = (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK)
+        mask = (rows[:, None] < B) & (cols[None, :] < N)
+        tile = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tile[:, None, :] * tile[None, :, :]
+    total = tl.sum(acc, axis=2)
+    inside = (rows[:, None] < B) & (rows[None, :] < B)
+    tl.store(part_ptr + pid * B * B + rows[:, None] * B + rows[None, :], total, mask=inside)
+
+
+@_jit
+def _row_squares_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    # Program p: each row's float32 sum of squares over its run of STEPS tiles, stored as the (B,) partial p.
+    pid = tl.program_id(0)
+    rows = tl.arange(0, ROWS)
+    acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    for step in range(STEPS):
+        cols = (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK)
+        mask = (rows[:, None] < B) & (cols[None, :] < N)
+        tile = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tile * tile
+    tl.store(part_ptr + pid * B + rows, tl.sum(acc, axis=1), mask=rows < B)
 
 
 @_jit
@@ -241,10 +289,11 @@ def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _steps(n: int, device: torch.device) -> int:
-    """Tiles per Gram program: enough programs to fill the device ``GRAM_WAVES`` times over, each a power-of-two
-    run of tiles (one compiled variant per value, a handful in all)."""
-    tiles = triton.cdiv(n, BLOCK)
+def _steps(n: int, device: torch.device, block: int | None = None) -> int:
+    """Tiles of ``block`` columns (default ``BLOCK``) per program of a reduction over G: enough programs to fill
+    the device ``GRAM_WAVES`` times over, each a power-of-two run of tiles (one compiled variant per value, a
+    handful in all)."""
+    tiles = triton.cdiv(n, block or BLOCK)
     return min(64, triton.next_power_of_2(max(1, tiles // (GRAM_WAVES * _processors(device)))))
 
 
@@ -260,12 +309,30 @@ def weighted_sum(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def gram_parts(g: torch.Tensor) -> torch.Tensor:
     """The Gram kernel's per-program partials of g gᵀ for g (B, N), in float32: (P, B, B), summing to g gᵀ."""
     b, n = g.shape
+    if GRAM_IMPL == "outer" and b <= OUTER_MAX_ROWS:
+        steps = _steps(n, g.device, OUTER_BLOCK)
+        programs = triton.cdiv(n, OUTER_BLOCK * steps)
+        parts = torch.empty(programs, b, b, dtype=torch.float32, device=g.device)
+        _gram_outer_kernel[(programs,)](g, parts, b, n, ROWS=_rows(b), BLOCK=OUTER_BLOCK, STEPS=steps,
+                                        num_warps=OUTER_WARPS)
+        return parts
     steps = _steps(n, g.device)
     programs = triton.cdiv(n, BLOCK * steps)
     parts = torch.empty(programs, b, b, dtype=torch.float32, device=g.device)
     _gram_kernel[(programs,)](g, parts, b, n, ROWS=_rows_padded(b), BLOCK=BLOCK, STEPS=steps,
                               IEEE=g.dtype == torch.float32, num_warps=GRAM_WARPS, num_stages=GRAM_STAGES)
     return parts
+
+
+def row_norms(g: torch.Tensor) -> torch.Tensor:
+    """‖g_i‖ for g (B, N), from float32 sums of squares: (B,)."""
+    b, n = g.shape
+    steps = _steps(n, g.device, NORMS_BLOCK)
+    programs = triton.cdiv(n, NORMS_BLOCK * steps)
+    parts = torch.empty(programs, b, dtype=torch.float32, device=g.device)
+    _row_squares_kernel[(programs,)](g, parts, b, n, ROWS=_rows(b), BLOCK=NORMS_BLOCK, STEPS=steps,
+                                     num_warps=NORMS_WARPS)
+    return parts.sum(0).sqrt()
 
 
 def gram(g: torch.Tensor) -> torch.Tensor:

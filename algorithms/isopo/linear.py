@@ -277,7 +277,10 @@ def tail_update(
     elif fused and a_k is None:
         w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
     elif fused and unregularised(cfg):
-        norm = torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype) if cfg.p != cfg.r else None
+        norm = None
+        if cfg.p != cfg.r:
+            norm = (kernels.row_norms(flat) if kernels.NORMS_IMPL == "kernel"
+                    else torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype))
         w = kernels.non_interacting_weights(norm, overlap_numerators(g, a_k, d_k), a_k, d_k, adv, cfg.p - cfg.r,
                                             cfg.q + cfg.r)
     else:
