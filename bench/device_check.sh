@@ -10,7 +10,8 @@
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
 #      interleaved in one process with the same two ISOPO modes +eager (every layer eager) and +cublas (the
 #      torch path), then one profiled step per mode (profile.txt: where the host's and the device's time
-#      goes, and the GPU's idle time by phase, by the launch it waited for and by ISOPO host region);
+#      goes, the GPU's idle time by phase, by the launch it waited for and by ISOPO host region, and each
+#      mode's device time against REINFORCE's, kernel by kernel);
 #   4. only with COMPILE=1: step 3's three modes with --compile (two warm-up rounds, which compile), stopped
 #      after COMPILE_TIMEOUT s (150);
 #   5. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes,

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 REGION_PREFIX = "isopo::"
 """``record_function`` names of ISOPO's host regions (``algorithms.isopo``), reported when a gap overlaps them."""
 NODE_PREFIX = "autograd::engine::evaluate_function: "
+"""The profiler's name of an autograd node's backward."""
 DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 """The device events that occupy the GPU (a ``gpu_user_annotation`` spans a region's kernels and the gaps
 between them, so it is not work)."""
-"""The profiler's name of an autograd node's backward."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class DeviceSpan:
     start: int
     end: int
     launched_by: int
+    name: str = ""
+    """The kernel's name, or the profiler's for a copy or memset."""
 
 
 @dataclass(frozen=True)
@@ -229,5 +231,44 @@ def from_profile(prof) -> tuple[list[HostOp], list[DeviceSpan]]:
             if not e.is_async() and e.linked_correlation_id() == 0 and not (kind or "").startswith("cuda"):
                 ops.append(HostOp(e.name(), e.start_ns(), e.end_ns(), e.start_thread_id(), e.correlation_id()))
         elif e.duration_ns() > 0 and (kind is None or kind in DEVICE_WORK):
-            spans.append(DeviceSpan(e.start_ns(), e.end_ns(), e.linked_correlation_id()))
+            spans.append(DeviceSpan(e.start_ns(), e.end_ns(), e.linked_correlation_id(), e.name()))
     return ops, spans
+
+
+# -- the device's time by kernel, one mode against another ------------------------------------------------
+_NAME_NOISE = ("void ", "at::native::", "(anonymous namespace)::", "at::", "c10::")
+
+
+def short_kernel_name(name: str, width: int = 150) -> str:
+    """A kernel's name without the namespaces that every PyTorch kernel repeats, cut to ``width``: the
+    profiler's tables cut at 55 characters, where every elementwise kernel still reads the same."""
+    for noise in _NAME_NOISE:
+        name = name.replace(noise, "")
+    name = " ".join(name.split())
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def device_time_by_kernel(spans: list[DeviceSpan]) -> dict[str, tuple[int, int]]:
+    """{short kernel name: (device ns summed, count)} over a step's device spans."""
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for span in spans:
+        row = totals[short_kernel_name(span.name)]
+        row[0] += span.end - span.start
+        row[1] += 1
+    return {name: (ns, count) for name, (ns, count) in totals.items()}
+
+
+def format_kernel_difference(mode: str, totals: dict[str, tuple[int, int]], base: str,
+                             base_totals: dict[str, tuple[int, int]], rows: int = 20) -> str:
+    """The kernels whose summed device time differs most between ``mode`` and ``base``, largest difference
+    first: where a mode's extra GPU work goes, kernel by kernel (CUDA-graph replays included)."""
+    names = set(totals) | set(base_totals)
+    diff = {n: totals.get(n, (0, 0))[0] - base_totals.get(n, (0, 0))[0] for n in names}
+    extra = sum(diff.values()) / 1e6
+    lines = [f"device time by kernel, {mode} against {base}: {extra:+.2f} ms in all",
+             f"  {'diff ms':>8} {mode + ' ms':>12} {'calls':>6} {base + ' ms':>12} {'calls':>6}  kernel"]
+    for name in sorted(names, key=lambda n: (-abs(diff[n]), n))[:rows]:
+        ns, calls = totals.get(name, (0, 0))
+        base_ns, base_calls = base_totals.get(name, (0, 0))
+        lines.append(f"  {diff[name] / 1e6:>+8.2f} {ns / 1e6:>12.2f} {calls:>6} {base_ns / 1e6:>12.2f} {base_calls:>6}  {name}")
+    return "\n".join(lines)

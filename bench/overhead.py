@@ -618,13 +618,15 @@ def _median_ci(values: list[float]) -> list[float] | None:
 def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows: int = 25) -> None:
     """One untimed, profiled step per mode; each mode's busiest operators (host time, and device time on
     CUDA), then its busiest (operator, input shapes) pairs by host time, then (CUDA) the GPU's idle time by
-    cause, into one text file, with the step's total host and device time on the heading line."""
+    cause, into one text file, with the step's total host and device time on the heading line; at the end
+    (CUDA) each mode's device time against REINFORCE's, kernel by kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     from . import gaps
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sections = []
+    kernel_totals: dict[str, dict[str, tuple[int, int]]] = {}
     for mode in modes:
         mode.begin()
         try:
@@ -650,8 +652,16 @@ def profile_steps(modes: list[Mode], batch: Batch, device: str, path: Path, rows
         parts.append(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
                                                                         row_limit=rows, max_shapes_column_width=60))
         # Where the GPU waited for the host, and for which launch (bench/gaps.py).
-        parts.append(gaps.format_report(gaps.analyse(*gaps.from_profile(prof))))
+        host_ops, spans = gaps.from_profile(prof)
+        parts.append(gaps.format_report(gaps.analyse(host_ops, spans)))
+        kernel_totals[mode.name] = gaps.device_time_by_kernel(spans)
         sections.append("\n".join(parts))
+    # Each mode's extra device time over REINFORCE's, kernel by kernel, with names long enough to tell the
+    # elementwise kernels apart.
+    base = "reinforce"
+    if device == "cuda" and base in kernel_totals:
+        sections += [gaps.format_kernel_difference(name, totals, base, kernel_totals[base], rows)
+                     for name, totals in kernel_totals.items() if name != base]
     write_text_atomic(path, "\n\n".join(sections) + "\n")
 
 

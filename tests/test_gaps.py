@@ -14,9 +14,12 @@ from bench.gaps import (
     DeviceSpan,
     HostOp,
     analyse,
+    device_time_by_kernel,
+    format_kernel_difference,
     format_report,
     from_profile,
     idle_gaps,
+    short_kernel_name,
 )
 
 NODE = NODE_PREFIX + "IsopoLinearFunctionBackward"
@@ -143,6 +146,27 @@ def test_from_profile_keeps_kernels_copies_and_operators_only():
     prof = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: events)))
     ops, spans = from_profile(prof)
     assert [(op.name, op.id) for op in ops] == [("aten::mm", 7), ("isopo::draw_samples", 8)]
-    assert spans == [DeviceSpan(100, 200, 7), DeviceSpan(210, 220, 7), DeviceSpan(230, 231, 7)]
+    assert spans == [DeviceSpan(100, 200, 7, "gemm_kernel"), DeviceSpan(210, 220, 7, "Memcpy HtoD"),
+                     DeviceSpan(230, 231, 7, "Memset")]
     report = analyse(ops, spans)
     assert report.busy_ns == 111 and report.by_cause[("(top level)", "aten::mm")] == (120, 3, 100)
+
+
+def test_device_time_by_kernel_and_the_difference_against_a_baseline():
+    """Kernels summed by their shortened names (two template instances that differ past the profiler's 55
+    characters stay apart); the difference table lists the largest changes first, with both sides' calls."""
+    copy = "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at::TensorIteratorBase&)>"
+    mul = "void at::native::vectorized_elementwise_kernel<8, at::native::BinaryFunctor<c10::BFloat16, MulFunctor>>"
+    assert short_kernel_name(copy) == "vectorized_elementwise_kernel<8, bfloat16_copy_kernel_cuda(TensorIteratorBase&)>"
+    assert short_kernel_name("k" * 200, width=20) == "k" * 19 + "…"
+    base = device_time_by_kernel([DeviceSpan(0, 1_000_000, 1, copy), DeviceSpan(0, 2_000_000, 2, "gemm")])
+    mode = device_time_by_kernel([DeviceSpan(0, 1_000_000, 1, copy), DeviceSpan(5, 3_000_005, 1, copy),
+                                  DeviceSpan(0, 500_000, 3, mul), DeviceSpan(0, 2_000_000, 2, "gemm"),
+                                  DeviceSpan(0, 250_000, 4, "_gram_kernel")])
+    assert mode[short_kernel_name(copy)] == (4_000_000, 2) and mode["gemm"] == (2_000_000, 1)
+    text = format_kernel_difference("isopo_int", mode, "reinforce", base, rows=3)
+    lines = text.splitlines()
+    assert lines[0] == "device time by kernel, isopo_int against reinforce: +3.75 ms in all"
+    assert lines[2].split()[:5] == ["+3.00", "4.00", "2", "1.00", "1"] and "bfloat16_copy" in lines[2]
+    assert lines[3].split()[:5] == ["+0.50", "0.50", "1", "0.00", "0"] and "MulFunctor" in lines[3]
+    assert lines[4].split()[-1] == "_gram_kernel" and len(lines) == 5  # gemm: no difference, past the rows
