@@ -11,7 +11,8 @@
 #      interleaved in one process with the same two ISOPO modes +eager (every layer eager) and +cublas (the
 #      torch path), then one profiled step per mode (profile.txt: where the host's and the device's time
 #      goes, the GPU's idle time by phase, by the launch it waited for and by ISOPO host region, and each
-#      mode's device time against REINFORCE's, kernel by kernel);
+#      mode's device time against REINFORCE's, kernel by kernel); on CUDA the same three modes again with the
+#      LM head's G held whole (--chunk-mib 4096), into overhead.log only;
 #   4. only with COMPILE=1: step 3's three modes with --compile (two warm-up rounds, which compile), stopped
 #      after COMPILE_TIMEOUT s (150);
 #   5. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes,
@@ -71,6 +72,9 @@ overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>
 overhead --repeats "$repeats" --modes "$every" --json "$out/$stem.json" || status=1
 overhead --repeats "$repeats" --lm-head response --modes "$switched" --json "$out/$stem-lmhead-response.json" \
     --profile "$out/profile.txt" || status=1
+# The LM head's G held whole (2.4 GiB at Qwen3-0.6B) instead of formed twice in blocks: time against memory
+# (overhead.log only: a lent machine sends back eight files).
+[ "$device" = cuda ] && { overhead --repeats "$repeats" --lm-head response --modes "$three" --chunk-mib 4096 || status=1; }
 if [ "${COMPILE:-0}" = 1 ]; then
     timeout "$(cap "${COMPILE_TIMEOUT:-150}")" bash -c "set -o pipefail; $(declare -f overhead); py=$py device=$device model=$model out=$out; \
         overhead --repeats $repeats --warmup 2 --lm-head response --modes $three --compile \
