@@ -12,9 +12,8 @@ candidate setting; the step column sums a row over the model's decoder layers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -36,19 +35,6 @@ NORMS_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (4, 8)]
 WARPS = (1, 2, 4)
 
 
-@contextlib.contextmanager
-def constants(**values) -> Iterator[None]:
-    """``kernels``' module constants set to ``values`` for the block, then restored."""
-    old = {name: getattr(kernels, name) for name in values}
-    for name, value in values.items():
-        setattr(kernels, name, value)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            setattr(kernels, name, value)
-
-
 def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
                dtype: torch.dtype = torch.bfloat16) -> dict[str, Callable[[], object]]:
     """One closure per (operation, setting) over random per-sequence gradients of this shape (bf16, as under
@@ -61,7 +47,7 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
 
     def under(fn, **values):
         def call():
-            with constants(**values):
+            with kernels.settings(**values):
                 return fn()
         return call
 

@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from algorithms.isopo import Isopo, IsopoConfig
+from algorithms.isopo import Isopo, IsopoConfig, kernels
 from algorithms.isopo.config import STRATEGIES
 
 MODES = (
@@ -87,6 +87,9 @@ ENGINE_SWITCHES = {"eager": ("cuda_graphs", False), "graphs": ("cuda_graphs", Tr
 """An ISOPO mode's name may end in +eager, +graphs, +triton, +cublas, +instantiate or +gram (several allowed):
 that mode's engine departs from the run's --cuda-graphs / --triton-kernels / --strategy, so both sides of a
 switch run interleaved in one process, e.g. ``--modes isopo_int,isopo_int+triton``."""
+KERNEL_SWITCHES = {"outer": ("GRAM_IMPL", "outer"), "rownorms": ("NORMS_IMPL", "kernel")}
+"""+outer / +rownorms (CUDA): the mode runs with a candidate Triton kernel (``algorithms.isopo.kernels``'s
+``GRAM_IMPL`` / ``NORMS_IMPL``) set for its steps, beside the default kernels in the same process."""
 SCALING_T = (256, 512, 1024, 2048, 4096)
 SCALING_B = (4, 8, 16, 32)
 MODELS = ("tiny", "small", "qwen3-0.6b", "deep-narrow")
@@ -212,6 +215,9 @@ def validate(opts: Options) -> Options:
             raise OverheadError(f"mode {mode!r}: the + switches apply to isopo_ni:* and isopo_int only")
         if switches.get("cuda_graphs") and (opts.device != "cuda" or opts.compile):
             raise OverheadError(f"mode {mode!r}: +graphs needs --device cuda and no --compile")
+        if any(key.startswith("kernels.") for key in switches) and opts.device != "cuda":
+            raise OverheadError(f"mode {mode!r}: +{' +'.join(KERNEL_SWITCHES)} choose Triton kernels, which run on "
+                                f"--device cuda only")
         graphed = graphed or switches.get("cuda_graphs", opts.cuda_graphs)
     if opts.warmup is None:
         opts.warmup = 2 if graphed else 1
@@ -423,9 +429,13 @@ def split_mode(name: str) -> tuple[str, dict[str, bool]]:
     base, *suffixes = name.split("+")
     switches = {}
     for suffix in suffixes:
+        if suffix in KERNEL_SWITCHES:
+            constant, value = KERNEL_SWITCHES[suffix]
+            switches[f"kernels.{constant}"] = value
+            continue
         if suffix not in ENGINE_SWITCHES:
             raise OverheadError(f"mode {name!r}: unknown switch +{suffix}; valid: "
-                                f"{', '.join('+' + s for s in ENGINE_SWITCHES)}")
+                                f"{', '.join('+' + s for s in (*ENGINE_SWITCHES, *KERNEL_SWITCHES))}")
         field, value = ENGINE_SWITCHES[suffix]
         switches[field] = value
     return base, switches
@@ -433,7 +443,7 @@ def split_mode(name: str) -> tuple[str, dict[str, bool]]:
 
 class Mode:
     """One mode's update step; ``begin``/``end`` (untimed) bracket each ``step`` (timed). A name's + switches
-    (``ENGINE_SWITCHES``) override ``cuda_graphs`` / ``triton_kernels`` for this mode."""
+    override the engine's configuration (``ENGINE_SWITCHES``) or set a kernel for its steps (``KERNEL_SWITCHES``)."""
 
     def __init__(self, name: str, model: nn.Module, optimizer, autocast, num_samples: int,
                  chunk_bytes: int = IsopoConfig.chunk_bytes, compile: bool = False,
@@ -447,6 +457,8 @@ class Mode:
         self.autocast = autocast
         self.engine = None
         name, switches = split_mode(name)
+        self.kernel_settings = {key.split(".", 1)[1]: value for key, value in switches.items()
+                                if key.startswith("kernels.")}
         cuda_graphs = switches.get("cuda_graphs", cuda_graphs)
         triton_kernels = switches.get("triton_kernels", triton_kernels)
         strategy = switches.get("strategy", strategy)
@@ -476,6 +488,10 @@ class Mode:
             self.engine.remove()
 
     def step(self, batch: Batch) -> None:
+        with kernels.settings(**self.kernel_settings):
+            self._step(batch)
+
+    def _step(self, batch: Batch) -> None:
         if self.engine is None:
             with self.autocast():
                 loss = _loss(self.model, batch, batch.reinforce_weight)

@@ -12,11 +12,14 @@ from bench import kernel_configs
 
 def test_constants_are_set_inside_the_block_and_restored_after_it_even_on_error():
     before = (kernels.SUM_BLOCK, kernels.SUM_WARPS, kernels.SOLVE_WARPS)
-    with kernel_configs.constants(SUM_BLOCK=4096, SOLVE_WARPS=2):
+    with kernels.settings(SUM_BLOCK=4096, SOLVE_WARPS=2):
         assert (kernels.SUM_BLOCK, kernels.SOLVE_WARPS) == (4096, 2)
-    with pytest.raises(RuntimeError), kernel_configs.constants(SUM_WARPS=2):
+    with pytest.raises(RuntimeError), kernels.settings(SUM_WARPS=2):
         raise RuntimeError
     assert (kernels.SUM_BLOCK, kernels.SUM_WARPS, kernels.SOLVE_WARPS) == before
+    for name in ("NOPE", "triton", "usable"):  # not a launch constant of the module
+        with pytest.raises(ValueError, match=f"unknown kernel setting.*{name}"), kernels.settings(**{name: 1}):
+            pass
 
 
 def test_the_weighted_sum_kernel_gives_the_same_numbers_at_every_candidate_setting():
@@ -26,7 +29,7 @@ def test_the_weighted_sum_kernel_gives_the_same_numbers_at_every_candidate_setti
     w = torch.randn(8, generator=torch.Generator().manual_seed(1)).to(device)
     results = []
     for block, warps in kernel_configs.SUM_SETTINGS:
-        with kernel_configs.constants(SUM_BLOCK=block, SUM_WARPS=warps):
+        with kernels.settings(SUM_BLOCK=block, SUM_WARPS=warps):
             results.append(kernels.weighted_sum(w, g))
     assert all(torch.equal(r, results[0]) for r in results[1:])
     torch.testing.assert_close(results[0].double(), w.double() @ g.double(), rtol=1e-5, atol=1e-5)

@@ -407,6 +407,8 @@ def test_mode_switches_run_both_sides_of_a_switch_in_one_process(tmp_path, monke
     from bench.overhead import split_mode, validate
 
     assert split_mode("isopo_int+triton+eager") == ("isopo_int", {"triton_kernels": True, "cuda_graphs": False})
+    assert split_mode("isopo_ni:paper+outer+rownorms") == (
+        "isopo_ni:paper", {"kernels.GRAM_IMPL": "outer", "kernels.NORMS_IMPL": "kernel"})
     model = tiny_qwen3()
     mode = Mode("isopo_int+triton+eager", model, None, nullcontext, num_samples=4, cuda_graphs=True,
                 triton_kernels=False)
@@ -447,3 +449,37 @@ def test_a_mode_failing_in_its_warm_up_is_recorded_and_the_others_measured(tmp_p
                                                        "on the device"}
     assert "mode isopo_int+triton failed in its warm-up" in capsys.readouterr().err
     assert "isopo_int+triton" not in (tmp_path / "profile.txt").read_text()
+
+
+def test_a_kernel_switch_sets_its_kernel_for_the_modes_steps_only(monkeypatch):
+    """+outer / +rownorms: the candidate kernel is the module's setting while that mode steps (where its
+    layers launch or capture their kernels) and the default again after; refused off CUDA, where no kernel
+    runs and the mode would time the default."""
+    from algorithms.isopo import kernels
+    from bench import overhead
+    from bench.overhead import OverheadError, validate
+
+    seen = []
+    real_loss = overhead._loss
+
+    def loss(model, batch, weight):
+        seen.append((kernels.GRAM_IMPL, kernels.NORMS_IMPL))
+        return real_loss(model, batch, weight)
+
+    monkeypatch.setattr(overhead, "_loss", loss)
+    model = tiny_qwen3()
+    batch = overhead_batch(2, 16, model.config.vocab_size, "cpu")
+    default = (kernels.GRAM_IMPL, kernels.NORMS_IMPL)
+    for name, expected in (("isopo_int+outer", ("outer", default[1])), ("isopo_ni:paper+rownorms", (default[0], "kernel")),
+                           ("isopo_int", default)):
+        mode = Mode(name, model, None, nullcontext, num_samples=4)
+        mode.begin()
+        try:
+            mode.step(batch)
+        finally:
+            mode.end()
+        assert seen[-1] == expected and (kernels.GRAM_IMPL, kernels.NORMS_IMPL) == default
+    with pytest.raises(OverheadError, match=r"isopo_int\+outer.*--device cuda only"):
+        validate(Options(device="cpu", modes=["reinforce", "isopo_int+outer"]))
+    with pytest.raises(OverheadError, match="apply to isopo_ni"):
+        validate(Options(device="cpu", modes=["reinforce+outer"]))

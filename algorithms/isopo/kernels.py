@@ -20,7 +20,9 @@ there the tests use float32 and float16, and a GPU host's device tests cover bf1
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -75,6 +77,22 @@ WEIGHTS_WARPS = 1
 """Warps of the one program from the statistics to the weights (``interacting_weights``: tr K, λ and the
 solve; ``non_interacting_weights``): 1 to 4 ran alike on an H200 (BENCHMARKS.md, session 11)."""
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def settings(**values) -> Iterator[None]:
+    """This module's launch constants (``GRAM_IMPL``, ``SUM_BLOCK``, ...) set to ``values`` for the block, then
+    restored: how ``bench.kernel_configs`` times the candidates and ``bench overhead`` runs a mode with
+    another kernel. A CUDA graph captured inside keeps the kernels it captured."""
+    unknown = [name for name in values if not (name.isupper() and name in globals())]
+    if unknown:
+        raise ValueError(f"unknown kernel setting(s): {', '.join(unknown)}")
+    old = {name: globals()[name] for name in values}
+    globals().update(values)
+    try:
+        yield
+    finally:
+        globals().update(old)
 
 
 def available() -> bool:
