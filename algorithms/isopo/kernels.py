@@ -117,13 +117,26 @@ def _rows_padded(b: int) -> int:
 
 
 @_jit
+def _load_tile(g_ptr, rows, cols, B, N):
+    # Rows `rows` × columns `cols` of g (B, N), zeros outside it.
+    mask = (rows[:, None] < B) & (cols[None, :] < N)
+    return tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+
+
+@_jit
+def _store_partial(part_ptr, pid, acc, rows, B):
+    # Program pid's (B, B) partial of g gᵀ from its (ROWS, ROWS) tile acc, the padding rows and columns left out.
+    inside = (rows[:, None] < B) & (rows[None, :] < B)
+    tl.store(part_ptr + pid * B * B + rows[:, None] * B + rows[None, :], acc, mask=inside)
+
+
+@_jit
 def _weighted_sum_kernel(g_ptr, w_ptr, out_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, ROWS)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     w = tl.load(w_ptr + rows, mask=rows < B, other=0.0).to(tl.float32)
-    mask = (rows[:, None] < B) & (cols[None, :] < N)
-    tile = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tile = _load_tile(g_ptr, rows, cols, B, N)
     total = tl.sum(tile.to(tl.float32) * w[:, None], axis=0)
     tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=cols < N)
 
@@ -137,15 +150,12 @@ def _gram_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     rows = tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, ROWS), dtype=tl.float32)
     for step in range(STEPS):
-        cols = (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK)
-        mask = (rows[:, None] < B) & (cols[None, :] < N)
-        tile = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+        tile = _load_tile(g_ptr, rows, (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK), B, N)
         if IEEE:  # float32 G: full float32 products, not TF32
             acc += tl.dot(tile, tl.trans(tile), input_precision="ieee")
         else:
             acc += tl.dot(tile, tl.trans(tile))
-    inside = (rows[:, None] < B) & (rows[None, :] < B)
-    tl.store(part_ptr + pid * B * B + rows[:, None] * B + rows[None, :], acc, mask=inside)
+    _store_partial(part_ptr, pid, acc, rows, B)
 
 
 @_jit
@@ -156,13 +166,10 @@ def _gram_outer_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.cons
     rows = tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, ROWS, BLOCK), dtype=tl.float32)
     for step in range(STEPS):
-        cols = (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK)
-        mask = (rows[:, None] < B) & (cols[None, :] < N)
-        tile = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tile = _load_tile(g_ptr, rows, (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK), B, N).to(tl.float32)
         acc += tile[:, None, :] * tile[None, :, :]
     total = tl.sum(acc, axis=2)
-    inside = (rows[:, None] < B) & (rows[None, :] < B)
-    tl.store(part_ptr + pid * B * B + rows[:, None] * B + rows[None, :], total, mask=inside)
+    _store_partial(part_ptr, pid, total, rows, B)
 
 
 @_jit
@@ -172,9 +179,7 @@ def _row_squares_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.con
     rows = tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for step in range(STEPS):
-        cols = (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK)
-        mask = (rows[:, None] < B) & (cols[None, :] < N)
-        tile = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tile = _load_tile(g_ptr, rows, (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK), B, N).to(tl.float32)
         acc += tile * tile
     tl.store(part_ptr + pid * B + rows, tl.sum(acc, axis=1), mask=rows < B)
 
