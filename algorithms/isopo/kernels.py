@@ -56,8 +56,8 @@ ROWS² float32 products a column, for B ≤ ``OUTER_MAX_ROWS``). ``python -m ben
 OUTER_MAX_ROWS = 16
 OUTER_BLOCK = 128
 OUTER_WARPS = 4
-"""The outer-product Gram kernel's columns per tile and warps: its accumulator holds ROWS² × OUTER_BLOCK
-float32 values per program."""
+"""The outer-product Gram kernel's columns per tile (for B ≤ 8; narrower past it) and warps: its accumulator
+holds ROWS² × columns float32 values per program, 64 a thread at B = 8 with 128 columns and 4 warps."""
 NORMS_IMPL = "torch"
 """Where the non-interacting norms ‖G_i‖ of the kernel path come from: "torch" (``vector_norm``, ~2.6 TB/s on
 an H200) or "kernel" (``row_norms``). ``python -m bench.kernel_configs`` times both."""
@@ -333,11 +333,13 @@ def gram_parts(g: torch.Tensor) -> torch.Tensor:
     """The Gram kernel's per-program partials of g gᵀ for g (B, N), in float32: (P, B, B), summing to g gᵀ."""
     b, n = g.shape
     if GRAM_IMPL == "outer" and b <= OUTER_MAX_ROWS:
-        steps = _steps(n, g.device, OUTER_BLOCK)
-        programs = triton.cdiv(n, OUTER_BLOCK * steps)
+        rows = _rows(b)
+        # The accumulator is rows² × block: past 8 rows the tile narrows to keep it at its size for 8.
+        block = OUTER_BLOCK if rows <= 8 else max(16, OUTER_BLOCK * 64 // (rows * rows))
+        steps = _steps(n, g.device, block)
+        programs = triton.cdiv(n, block * steps)
         parts = torch.empty(programs, b, b, dtype=torch.float32, device=g.device)
-        _gram_outer_kernel[(programs,)](g, parts, b, n, ROWS=_rows(b), BLOCK=OUTER_BLOCK, STEPS=steps,
-                                        num_warps=OUTER_WARPS)
+        _gram_outer_kernel[(programs,)](g, parts, b, n, ROWS=rows, BLOCK=block, STEPS=steps, num_warps=OUTER_WARPS)
         return parts
     steps = _steps(n, g.device)
     programs = triton.cdiv(n, BLOCK * steps)
