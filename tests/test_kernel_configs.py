@@ -17,7 +17,7 @@ def test_constants_are_set_inside_the_block_and_restored_after_it_even_on_error(
     with pytest.raises(RuntimeError), kernels.settings(SUM_WARPS=2):
         raise RuntimeError
     assert (kernels.SUM_BLOCK, kernels.SUM_WARPS, kernels.SOLVE_WARPS) == before
-    for name in ("NOPE", "triton", "usable"):  # not a launch constant of the module
+    for name in ("NOPE", "triton", "usable", "_DTYPES"):  # not a launch constant of the module
         with pytest.raises(ValueError, match=f"unknown kernel setting.*{name}"), kernels.settings(**{name: 1}):
             pass
 

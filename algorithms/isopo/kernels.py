@@ -84,7 +84,7 @@ def settings(**values) -> Iterator[None]:
     """This module's launch constants (``GRAM_IMPL``, ``SUM_BLOCK``, ...) set to ``values`` for the block, then
     restored: how ``bench.kernel_configs`` times the candidates and ``bench overhead`` runs a mode with
     another kernel. A CUDA graph captured inside keeps the kernels it captured."""
-    unknown = [name for name in values if not (name.isupper() and name in globals())]
+    unknown = [name for name in values if not (name.isupper() and not name.startswith("_") and name in globals())]
     if unknown:
         raise ValueError(f"unknown kernel setting(s): {', '.join(unknown)}")
     old = {name: globals()[name] for name in values}
