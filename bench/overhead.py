@@ -424,7 +424,7 @@ def _loss(model: nn.Module, batch: Batch, weight: torch.Tensor) -> torch.Tensor:
     return -(logp * weight).sum()
 
 
-def split_mode(name: str) -> tuple[str, dict[str, bool]]:
+def split_mode(name: str) -> tuple[str, dict[str, object]]:
     """("isopo_int+triton+eager") → ("isopo_int", {"triton_kernels": True, "cuda_graphs": False})."""
     base, *suffixes = name.split("+")
     switches = {}
