@@ -32,8 +32,9 @@
 # Writes machine.txt, device_tests.log, overhead.log, profile.txt, layer-costs.txt and three JSON files into
 # OUT (eight files, as many as a lent machine sends back; nine with COMPILE=1); exits 1 if any step failed.
 # DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here; step 3 then runs its
-# three plain modes). On an H200 the whole call took 393 s at d2fd120 (2026-11-27, session 14, with BUDGET_S=530),
-# plus ~30 s to start the machine; a CPU dry run (DEVICE=cpu MODEL=tiny
+# three plain modes). On an H200 the whole call took 393 s at d2fd120 (2026-11-27, session 14, with BUDGET_S=530;
+# the runs added since, two more modes in step 3 and the whole-G run, take ~60 s more), plus ~30–60 s to start
+# the machine; a CPU dry run (DEVICE=cpu MODEL=tiny
 # REPEATS=2 BUDGET_S=150) stops at ~210 s with 7 files (the CUDA-only kernel step and the cut sweep missing).
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
