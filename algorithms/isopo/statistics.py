@@ -35,7 +35,7 @@ def choose_strategy(strategy: str, b: int, t: int, d_in: int, d_out: int, k: int
     priced as one formed whole: counting the second weight-gradient matmul its update needs sends
     Qwen3-0.6B's non-interacting LM head to the Gram route (2.08 against 2.87 TFLOP), and that step ran
     slower on an H200, 1.159× of REINFORCE against 1.102× (BENCHMARKS.md, session 14): cuBLAS ran its T × T
-    product at the response view's T = 513 at 53 TFLOP/s (12 ms), the same product at T = 1024 at ~400."""
+    product at the response view's T = 513 at 53 TFLOP/s (12 ms), the same product at T = 1024 at ~800."""
     if strategy != "auto":
         return strategy
     n = b * t
