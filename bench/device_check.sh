@@ -19,7 +19,9 @@
 #   5. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes,
 #      eagerly and from CUDA-graph replays (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (120);
 #      then (CUDA only) the Triton kernels' launch settings against the torch operations they replace
-#      (`python -m bench.kernel_configs`, appended to layer-costs.txt), stopped after KERNEL_CONFIGS_TIMEOUT s (120);
+#      (`python -m bench.kernel_configs`, appended to layer-costs.txt), stopped after KERNEL_CONFIGS_TIMEOUT s (120),
+#      and the LM head's matmuls of both statistics routes, with and without aligned outputs
+#      (`python -m bench.matmul_probe`, appended too), stopped after 60 s;
 #   6. the host-cost micro-benchmark on this host's CPU (bench/test_bench_isopo_host.py, ~15 s, appended to
 #      overhead.log): how this host's Python compares with the CPU where the host-side work is measured;
 #   7. the scaling sweep of reinforce / isopo_ni:paper / isopo_int (SCALING_T at B=SCALING_AT_B, default
@@ -89,6 +91,7 @@ timeout "$(cap "${LAYER_COSTS_TIMEOUT:-120}")" "$py" -m bench layer-costs --devi
 if [ "$device" = cuda ]; then
     timeout "$(cap "${KERNEL_CONFIGS_TIMEOUT:-120}")" "$py" -m bench.kernel_configs --model "$model" --repeats 20 2>&1 \
         | tee -a "$out/layer-costs.txt" || status=1
+    timeout "$(cap 60)" "$py" -m bench.matmul_probe 2>&1 | tee -a "$out/layer-costs.txt" || status=1
 fi
 timeout "$(cap 120)" "$py" -m pytest -q -p no:cacheprovider bench/test_bench_isopo_host.py --benchmark-enable \
     --benchmark-columns=min,median 2>&1 | tee -a "$out/overhead.log" || status=1
