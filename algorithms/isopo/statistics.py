@@ -166,10 +166,9 @@ def gram_out_dtype_supported(x: torch.Tensor) -> bool:
 def gram_matrix(flat: torch.Tensor, stat_dtype: torch.dtype, fp32_out: bool = False) -> torch.Tensor:
     """flat @ flat.T in stat_dtype. With fp32_out a bf16/fp16 G goes straight into a float32-output matmul
     instead of first being copied to float32 (three times G's bytes of memory traffic)."""
-    if fp32_out and flat.dtype != stat_dtype:
-        return torch.mm(flat, flat.t(), out_dtype=stat_dtype)
-    flat = flat.to(stat_dtype)
-    return flat @ flat.t()
+    direct = fp32_out and flat.dtype != stat_dtype
+    flat = flat if direct else flat.to(stat_dtype)
+    return _mm(flat, flat.t(), stat_dtype, direct)
 
 
 def _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm=True, fp32_out=False) -> LayerStats:
