@@ -9,8 +9,8 @@
 #      and on CUDA isopo_ni:paper and isopo_int +cublas too (the torch path: cuBLAS, cuSOLVER);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
 #      interleaved in one process with the same two ISOPO modes +eager (every layer eager) and +cublas (the
-#      torch path), isopo_int+outer and isopo_ni:paper+rownorms (the candidate kernels for the Gram matrix
-#      and the norms), then one profiled step per mode (profile.txt: where the host's and the device's time
+#      torch path), isopo_int+outer, isopo_ni:paper+rownorms and isopo_ni:paper+fused (the candidate kernels
+#      for the Gram matrix, the norms, and the norms with the overlap numerators), then one profiled step per mode (profile.txt: where the host's and the device's time
 #      goes, the GPU's idle time by phase, by the launch it waited for and by ISOPO host region, and each
 #      mode's device time against REINFORCE's, kernel by kernel); on CUDA the same three modes again with the
 #      LM head's G held whole (--chunk-mib 4096), into overhead.log only;
@@ -19,7 +19,8 @@
 #   5. `python -m bench layer-costs`: each piece of an ISOPO layer's backward at the model's linear shapes,
 #      eagerly and from CUDA-graph replays (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (120);
 #      then (CUDA only) the Triton kernels' launch settings against the torch operations they replace
-#      (`python -m bench.kernel_configs`, appended to layer-costs.txt), stopped after KERNEL_CONFIGS_TIMEOUT s (150),
+#      (`python -m bench.kernel_configs`, appended to layer-costs.txt row by row), stopped after
+#      KERNEL_CONFIGS_TIMEOUT s (150),
 #      and the LM head's matmuls of both statistics routes, with and without aligned outputs
 #      (`python -m bench.matmul_probe`, appended too), stopped after 60 s;
 #   6. the host-cost micro-benchmark on this host's CPU (bench/test_bench_isopo_host.py, ~15 s, appended to
@@ -35,7 +36,7 @@
 # OUT (eight files, as many as a lent machine sends back; nine with COMPILE=1); exits 1 if any step failed.
 # DEVICE, MODEL and REPEATS override the defaults (DEVICE=cpu MODEL=tiny to try it here; step 3 then runs its
 # three plain modes). On an H200 the whole call took 393 s at d2fd120 (2026-11-27, session 14, with BUDGET_S=530;
-# the runs added since, two more modes in step 3 and the whole-G run, take ~60 s more), plus ~30–60 s to start
+# the runs added since, three more modes in step 3 and the whole-G run, take ~70 s more), plus ~30–60 s to start
 # the machine; a CPU dry run (DEVICE=cpu MODEL=tiny
 # REPEATS=2 BUDGET_S=150) stops at ~210 s with 7 files (the CUDA-only kernel step and the cut sweep missing).
 set -uo pipefail
@@ -69,7 +70,7 @@ three=reinforce,isopo_ni:paper,isopo_int
 switched=$three
 every=reinforce,isopo_ni:paper,isopo_ni:overlap,isopo_ni:rel_overlap,isopo_int,isopo_ni_hooks,isopo_int_hooks
 if [ "$device" = cuda ]; then
-    switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+cublas,isopo_int+cublas,isopo_int+outer,isopo_ni:paper+rownorms
+    switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+cublas,isopo_int+cublas,isopo_int+outer,isopo_ni:paper+rownorms,isopo_ni:paper+fused
     every=$every,isopo_ni:paper+cublas,isopo_int+cublas
 fi
 overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>&1 | tee -a "$out/overhead.log"; }

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from algorithms.isopo import kernels
-from algorithms.isopo.statistics import gram_matrix, gram_out_dtype_supported
+from algorithms.isopo.statistics import gram_matrix, gram_out_dtype_supported, overlap_numerators
 
 from .layer_costs import linear_shapes, replay_us
 from .overhead import OverheadError, check_model_and_device
@@ -32,6 +32,10 @@ OUTER_SETTINGS = [(block, warps) for block in (64, 128, 256) for warps in (4, 8)
 """(columns per tile, warps) of the outer-product Gram kernel (``GRAM_IMPL = "outer"``)."""
 NORMS_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (4, 8)]
 """(columns per tile, warps) of the row-norm kernel, against torch's ``vector_norm`` ("norms torch")."""
+OVERLAP_SETTINGS = [(64, 64, 8, 3), (64, 64, 4, 3), (32, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4), (128, 64, 8, 2)]
+"""(rows per step, columns, warps, stages) of the fused norms-and-overlap kernel (``OVERLAP_IMPL = "fused"``),
+against torch's norm and overlap matmuls at K = ``SAMPLES`` ("norms+overlap torch")."""
+SAMPLES = 250
 WARPS = (1, 2, 4)
 
 
@@ -44,6 +48,9 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     w = torch.randn(b, generator=gen).to(device)
     ntk = gram_matrix(flat, torch.float32, gram_out_dtype_supported(flat))
     lam = ntk.diagonal().mean()
+    g = flat.view(b, d_out, d_in)
+    a_k = torch.randn(SAMPLES, d_in, generator=gen).to(device, dtype)
+    d_k = torch.randn(SAMPLES, d_out, generator=gen).to(device, dtype)
 
     def under(fn, **values):
         def call():
@@ -55,6 +62,8 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
         "weighted_sum torch": lambda: w.to(flat.dtype) @ flat,
         "norms torch": lambda: torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32),
         "ntk torch": lambda: gram_matrix(flat, torch.float32, gram_out_dtype_supported(flat)),
+        "norms+overlap torch": lambda: (torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32),
+                                        overlap_numerators(g, a_k, d_k)),
     }
     for block, warps in SUM_SETTINGS:
         out[f"weighted_sum block={block} warps={warps}"] = under(lambda: kernels.weighted_sum(w, flat),
@@ -68,6 +77,10 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     for block, warps in NORMS_SETTINGS:
         out[f"norms kernel block={block} warps={warps}"] = under(lambda: kernels.row_norms(flat),
                                                                  NORMS_BLOCK=block, NORMS_WARPS=warps)
+    for rows, cols, warps, stages in OVERLAP_SETTINGS:
+        out[f"norms+overlap fused rows={rows} cols={cols} warps={warps} stages={stages}"] = under(
+            lambda: kernels.norms_and_overlap(g, a_k, d_k, True), OVERLAP_BLOCK_M=rows, OVERLAP_BLOCK_N=cols,
+            OVERLAP_WARPS=warps, OVERLAP_STAGES=stages)
     for warps in WARPS:
         out[f"damped_solve warps={warps}"] = under(lambda: kernels.damped_solve(ntk, w, lam), SOLVE_WARPS=warps)
     for warps in WARPS:
@@ -76,32 +89,46 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     return out
 
 
-def measure(model: str, batch: int, repeats: int) -> dict[str, dict]:
-    """{candidate: {"us": [per shape], "step_ms": summed over the decoder layers}}, shapes as ``linear_shapes``."""
+def measure(model: str, batch: int, repeats: int,
+            on_row: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """{candidate: {"us": [per shape], "step_ms": summed over the decoder layers}}, shapes as ``linear_shapes``.
+    on_row(name, row) as each candidate's row is done: what a run stopped by its time limit has timed stays
+    printed."""
     shapes = linear_shapes(model)
+    per_shape = {shape: candidates(batch, *shape) for shape in shapes}
     table: dict[str, dict] = {}
-    for (d_in, d_out), count in shapes.items():
-        for name, fn in candidates(batch, d_in, d_out).items():
+    for name in next(iter(per_shape.values())):
+        row = table[name] = {"us": [], "step_ms": 0.0}
+        for shape, count in shapes.items():
             try:
-                us = replay_us(fn, repeats, warmup=3)
+                us = replay_us(per_shape[shape][name], repeats, warmup=3)
             except Exception as e:  # noqa: BLE001 - a setting that does not compile here: report it, go on
-                print(f"warning: {name} at {d_in}>{d_out} failed: {type(e).__name__}", flush=True)
+                print(f"warning: {name} at {shape[0]}>{shape[1]} failed: {type(e).__name__}", flush=True)
                 us = float("nan")
-            row = table.setdefault(name, {"us": [], "step_ms": 0.0})
             row["us"].append(us)
             row["step_ms"] += us * count / 1e3
-        torch.cuda.empty_cache()
+        if on_row is not None:
+            on_row(name, row)
     return table
 
 
-def report(table: dict[str, dict], shapes: dict[tuple[int, int], int], device_name: str) -> str:
+def _width(names) -> int:
+    return max(len("candidate"), *(len(name) for name in names))
+
+
+def header(shapes: dict[tuple[int, int], int], device_name: str, width: int) -> list[str]:
     heads = [f"{i}>{o} ×{n}" for (i, o), n in shapes.items()]
-    width = max(len(name) for name in table)
-    lines = [f"kernel settings: {device_name}; µs per call from graph replays, step ms over the decoder layers",
-             f"{'candidate':<{width}}" + "".join(f"{h:>16}" for h in heads) + f"{'step ms':>10}"]
-    for name, row in table.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{us:>16.1f}" for us in row["us"]) + f"{row['step_ms']:>10.2f}")
-    return "\n".join(lines)
+    return [f"kernel settings: {device_name}; µs per call from graph replays, step ms over the decoder layers",
+            f"{'candidate':<{width}}" + "".join(f"{h:>16}" for h in heads) + f"{'step ms':>10}"]
+
+
+def row_line(name: str, row: dict, width: int) -> str:
+    return f"{name:<{width}}" + "".join(f"{us:>16.1f}" for us in row["us"]) + f"{row['step_ms']:>10.2f}"
+
+
+def report(table: dict[str, dict], shapes: dict[tuple[int, int], int], device_name: str) -> str:
+    width = _width(table)
+    return "\n".join(header(shapes, device_name, width) + [row_line(name, row, width) for name, row in table.items()])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shapes = linear_shapes(args.model)
-    print(report(measure(args.model, args.batch, args.repeats), shapes, torch.cuda.get_device_name()), flush=True)
+    width = _width(candidates(1, 16, 16))  # the names alone: every shape has the same candidates
+    print("\n".join(header(shapes, torch.cuda.get_device_name(), width)), flush=True)
+    measure(args.model, args.batch, args.repeats, on_row=lambda name, row: print(row_line(name, row, width), flush=True))
     return 0
 
 

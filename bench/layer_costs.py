@@ -38,12 +38,14 @@ PIECES = ("weight_grad", "per_seq_grads", "norms", "overlap", "ntk", "weighted_s
 """weight_grad is REINFORCE's (the ordinary matmul); the rest are ISOPO's torch path, layer_ni / layer_int
 whole layers as configured by default (the Triton kernels where usable)."""
 KERNEL_PIECES = ("gram_kernel", "weighted_sum_kernel", "damped_solve_kernel", "interacting_kernel",
-                 "non_interacting_kernel", "layer_ni_triton", "layer_int_triton")
+                 "non_interacting_kernel", "norms_overlap_fused", "layer_ni_triton", "layer_ni_fused",
+                 "layer_int_triton")
 """Where ISOPO's Triton kernels are usable (CUDA): the kernels' versions of ntk, weighted_sum and the B × B
 solve, the interacting rule from G (the Gram kernel, the partials' sum, then tr K, λ and the solve in one
 program: ntk and interacting_solve together), the paper setting's weights from the norms and the overlap
-numerators (the rest of the rule), and the whole layers with them (``IsopoConfig.triton_kernels=True``),
-side by side."""
+numerators (the rest of the rule), the norms and overlap numerators from one read of G (the fused kernel,
+``kernels.OVERLAP_IMPL = "fused"``), and the whole layers with them (``IsopoConfig.triton_kernels=True``;
+layer_ni_fused with the fused kernel), side by side."""
 GRAPH_CALLS = 10
 """Calls of a piece captured into one graph for the ``graph`` timing."""
 GB = 1e9
@@ -109,6 +111,12 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
         return lambda: layer_update(x, d, pos, adv, {}, None, None, token_seq, cfg=cfg, b=b, t=t,
                                     strategy="instantiate", chunk=None, fp32_gram=fp32_gram)
 
+    def fused(fn):
+        def call():
+            with kernels.settings(OVERLAP_IMPL="fused"):
+                return fn()
+        return call
+
     by_kernel = {}
     if kernels.usable(flat):
         overlap_num = overlap_numerators(g, a_k, d_k)
@@ -120,7 +128,9 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
             "interacting_kernel": lambda: kernels.interacting_weights(flat, adv, None, 1.0),
             "non_interacting_kernel": lambda: kernels.non_interacting_weights(norm, overlap_num, a_k, d_k, adv,
                                                                               ni_cfg.p - ni_cfg.r, ni_cfg.q + ni_cfg.r),
+            "norms_overlap_fused": lambda: kernels.norms_and_overlap(g, a_k, d_k, True),
             "layer_ni_triton": layer(ni_cfg.replace(triton_kernels=True), positions),
+            "layer_ni_fused": fused(layer(ni_cfg.replace(triton_kernels=True), positions)),
             "layer_int_triton": layer(int_cfg.replace(triton_kernels=True), None),
         }
     return by_kernel | {

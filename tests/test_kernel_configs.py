@@ -63,8 +63,9 @@ def test_every_candidate_runs_and_the_kernels_agree_with_their_torch_operation()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     found = kernel_configs.candidates(8, 24, 40, device=device, dtype=torch.float32)
     results = {name: fn() for name, fn in found.items()}
-    assert len(found) == 3 + len(kernel_configs.SUM_SETTINGS) + len(kernel_configs.GRAM_SETTINGS) \
-        + len(kernel_configs.OUTER_SETTINGS) + len(kernel_configs.NORMS_SETTINGS) + 2 * len(kernel_configs.WARPS)
+    assert len(found) == 4 + len(kernel_configs.SUM_SETTINGS) + len(kernel_configs.GRAM_SETTINGS) \
+        + len(kernel_configs.OUTER_SETTINGS) + len(kernel_configs.NORMS_SETTINGS) \
+        + len(kernel_configs.OVERLAP_SETTINGS) + 2 * len(kernel_configs.WARPS)
     for name, got in results.items():
         if name.startswith("weighted_sum block"):
             torch.testing.assert_close(got, results["weighted_sum torch"], rtol=1e-5, atol=1e-5)
@@ -72,5 +73,29 @@ def test_every_candidate_runs_and_the_kernels_agree_with_their_torch_operation()
             torch.testing.assert_close(got, results["ntk torch"], rtol=1e-5, atol=1e-4)
         elif name.startswith("norms kernel"):
             torch.testing.assert_close(got, results["norms torch"], rtol=1e-5, atol=1e-5)
+        elif name.startswith("norms+overlap fused"):
+            for part, expected in zip(got, results["norms+overlap torch"], strict=True):
+                torch.testing.assert_close(part, expected, rtol=1e-5, atol=1e-4)
     solves = [v for k, v in results.items() if k.startswith("damped_solve")]
     assert all(torch.equal(s, solves[0]) for s in solves[1:])
+
+
+def test_measure_hands_over_each_row_as_it_is_done_and_a_failing_setting_reads_nan(monkeypatch, capsys):
+    """A run stopped by its time limit keeps the rows it printed: each candidate's row goes out once all
+    shapes are timed; a setting that fails to build is NaN with a warning, and the rest go on."""
+    shapes = {(16, 32): 2, (32, 16): 1}
+    monkeypatch.setattr(kernel_configs, "linear_shapes", lambda model: shapes)
+    monkeypatch.setattr(kernel_configs, "candidates", lambda b, d_in, d_out: {"a": d_in, "b": -1})
+
+    def replay(value, repeats, warmup):
+        if value < 0:
+            raise RuntimeError("does not compile")
+        return float(value)
+
+    monkeypatch.setattr(kernel_configs, "replay_us", replay)
+    rows = []
+    table = kernel_configs.measure("tiny", 8, 3, on_row=lambda name, row: rows.append((name, dict(row))))
+    assert [name for name, _ in rows] == ["a", "b"]
+    assert rows[0][1] == {"us": [16.0, 32.0], "step_ms": (16.0 * 2 + 32.0) / 1e3}
+    assert all(u != u for u in table["b"]["us"])
+    assert "warning: b at 16>32 failed: RuntimeError" in capsys.readouterr().out

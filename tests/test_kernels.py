@@ -76,6 +76,49 @@ def test_outer_product_gram_and_row_norms_match_float64(device, dtype, b, n, mon
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("b", "d_out", "d_in", "k"), [(1, 17, 5, 1), (8, 70, 300, 37), (5, 300, 97, 250),
+                                                       (3, 130, 64, 256), (33, 40, 20, 9)])
+def test_fused_norms_and_overlap_match_float64(device, dtype, b, d_out, d_in, k, monkeypatch):
+    """The candidate for the non-interacting statistics (``OVERLAP_IMPL = "fused"``): δ_kᵀ G_i a_k for every
+    sample and ‖G_i‖ from one read of G, with d_k a view of some of a wider δ_k's columns (an LM-head block),
+    at odd shapes and up to ``OVERLAP_MAX_SAMPLES``; the rows split among programs (small tiles, many waves)
+    or not; without the norm where the weights do not read it."""
+    gen = torch.Generator().manual_seed(b * 1000 + d_out + k)
+    g = torch.randn(b, d_out, d_in, generator=gen).to(device, dtype)
+    a_k = torch.randn(k, d_in, generator=gen).to(device, dtype)
+    d_k = torch.randn(k, d_out + 5, generator=gen).to(device, dtype)[:, 2:d_out + 2]
+    exact = torch.einsum("km,bmn,kn->bk", d_k.double(), g.double(), a_k.double())
+    exact_norms = g.double().reshape(b, -1).norm(dim=1)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3  # float32 accumulation of products of rounded operands
+    for block_m, block_n, waves in ((64, 64, 2), (16, 16, 64)):
+        monkeypatch.setattr(kernels, "OVERLAP_BLOCK_M", block_m)
+        monkeypatch.setattr(kernels, "OVERLAP_BLOCK_N", block_n)
+        monkeypatch.setattr(kernels, "OVERLAP_WAVES", waves)
+        for need_norm in (True, False):
+            norm, num = kernels.norms_and_overlap(g, a_k, d_k, need_norm)
+            assert num.dtype == torch.float32 and num.shape == (b, k)
+            assert float((num.cpu().double() - exact.cpu()).norm() / exact.norm()) < tol
+            if need_norm:
+                assert norm.dtype == torch.float32 and norm.shape == (b,)
+                assert float(((norm.double() - exact_norms) / exact_norms).abs().max()) < 1e-6
+            else:
+                assert norm is None
+
+
+def test_the_fused_statistics_are_used_only_where_chosen_and_usable(monkeypatch):
+    g, a_k = torch.zeros(8, 4, 3), torch.zeros(5, 3)
+    assert not kernels.overlap_fusable(g, a_k)  # the default: the torch path
+    monkeypatch.setattr(kernels, "OVERLAP_IMPL", "fused")
+    assert not kernels.overlap_fusable(g, a_k)  # CPU tensors
+    if torch.cuda.is_available():
+        g, a_k = g.cuda(), a_k.cuda()
+        assert kernels.overlap_fusable(g, a_k)
+        assert not kernels.overlap_fusable(g, torch.zeros(kernels.OVERLAP_MAX_SAMPLES + 1, 3, device="cuda"))
+        assert not kernels.overlap_fusable(g.transpose(1, 2), a_k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b", [1, 5, 8, 16, 33])
 def test_damped_solve_matches_float64_and_falls_back_to_the_advantages(device, b):
     """λ (K + λI)⁻¹ A against torch's float64 solve; A where λ = 0 or the factorisation fails, as the torch
@@ -204,21 +247,25 @@ def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
 # The interpreter's NumPy warns where a layer's statistic is 0 (log2(0), then 0·inf): the weights handle it.
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2", "ignore:invalid value encountered in multiply")
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", ["non_interacting", "interacting"])
-@pytest.mark.parametrize("reads", ["default", "candidates"])
+@pytest.mark.parametrize(("variant", "reads"), [("non_interacting", "default"), ("non_interacting", "candidates"),
+                                              ("non_interacting", "fused"), ("interacting", "default"),
+                                              ("interacting", "candidates")])
 def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, reads, monkeypatch):
     """Two float32 steps (the EMAs change between them) through the engine's eager and graph paths, with the
     kernels and without: the same gradients. On a CPU the kernels are admitted for CPU tensors, interpreted.
-    reads="candidates": the Gram matrix by outer products and the norms by the row-norm kernel."""
+    reads="candidates": the Gram matrix by outer products and the norms by the row-norm kernel; "fused": the
+    norms and overlap numerators by the fused kernel."""
     if device == "cpu":
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
     if reads == "candidates":
         monkeypatch.setattr(kernels, "GRAM_IMPL", "outer")
         monkeypatch.setattr(kernels, "NORMS_IMPL", "kernel")
+    if reads == "fused":
+        monkeypatch.setattr(kernels, "OVERLAP_IMPL", "fused")
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
                       strategy="instantiate", cuda_graphs=False, triton_kernels=True)
     calls = {"gram_parts": 0, "weighted_sum": 0, "interacting_weights": 0, "non_interacting_weights": 0,
-             "row_norms": 0}
+             "row_norms": 0, "norms_and_overlap": 0}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -248,6 +295,7 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, rea
     assert calls["weighted_sum"] > 0
     assert (calls["gram_parts"] > 0) == (variant == "interacting")  # the norms: torch's or the row-norm kernel's
     assert (calls["row_norms"] > 0) == (variant == "non_interacting" and reads == "candidates")
+    assert (calls["norms_and_overlap"] > 0) == (reads == "fused")
     assert (calls["interacting_weights"] > 0) == (variant == "interacting")
     assert (calls["non_interacting_weights"] > 0) == (variant == "non_interacting")
 
@@ -274,6 +322,35 @@ def test_an_interacting_layer_formed_in_blocks_takes_the_gram_kernel_per_block(d
         err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
         assert err < 1e-5, f"{name}: {err:.2e}"
     # Blocks: fewer output rows than the layer has (40 kB of float32 G at a time).
+    widths = {shape[1] for shape in calls}
+    assert len(calls) > len(widths) and max(widths) <= 40_000 // 4 // 2
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2", "ignore:invalid value encountered in multiply")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("regularised", [False, True])
+def test_a_non_interacting_layer_formed_in_blocks_takes_the_fused_kernel_per_block(device, regularised, monkeypatch):
+    """With the fused kernel chosen, a non-interacting G formed a block of output rows at a time (the LM head)
+    takes each block's norm and overlap numerators from it, for a named setting and for a regularised one
+    (whose weights read the EMAs): the same gradients as the torch path."""
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
+    monkeypatch.setattr(kernels, "OVERLAP_IMPL", "fused")
+    calls = []
+    real = kernels.norms_and_overlap
+    monkeypatch.setattr(kernels, "norms_and_overlap", lambda g, *args: calls.append(g.shape) or real(g, *args))
+    extra = dict(setting=None, p=0.5, q=-1.0, r=-1.0, c_n=0.3, c_o=0.2) if regularised else dict(setting="paper")
+    cfg = IsopoConfig(variant="non_interacting", num_samples=9, strategy="instantiate", chunk_bytes=40_000,
+                      cuda_graphs=False, triton_kernels=False, **extra)
+    model = tiny_qwen3(dtype=torch.float32).to(device)
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in step_batches(0)]
+    n_tok = response_tokens(batches)
+    expected = efficient_step(model, Isopo(model, cfg), batches, n_tok)
+    assert not calls
+    got = efficient_step(model, Isopo(model, cfg.replace(triton_kernels=True)), batches, n_tok)
+    for name, ref in expected.items():
+        err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
+        assert err < 1e-5, f"{name}: {err:.2e}"
     widths = {shape[1] for shape in calls}
     assert len(calls) > len(widths) and max(widths) <= 40_000 // 4 // 2
 

@@ -407,8 +407,9 @@ def test_mode_switches_run_both_sides_of_a_switch_in_one_process(tmp_path, monke
     from bench.overhead import split_mode, validate
 
     assert split_mode("isopo_int+triton+eager") == ("isopo_int", {"triton_kernels": True, "cuda_graphs": False})
-    assert split_mode("isopo_ni:paper+outer+rownorms") == (
-        "isopo_ni:paper", {"kernels.GRAM_IMPL": "outer", "kernels.NORMS_IMPL": "kernel"})
+    assert split_mode("isopo_ni:paper+outer+rownorms+fused") == (
+        "isopo_ni:paper", {"kernels.GRAM_IMPL": "outer", "kernels.NORMS_IMPL": "kernel",
+                           "kernels.OVERLAP_IMPL": "fused"})
     model = tiny_qwen3()
     mode = Mode("isopo_int+triton+eager", model, None, nullcontext, num_samples=4, cuda_graphs=True,
                 triton_kernels=False)

@@ -65,6 +65,23 @@ NORMS_BLOCK = 1024
 NORMS_WARPS = 4
 """The row-norm kernel's columns per tile and warps (``row_norms``: the sums of squares in the weighted
 sum's read pattern)."""
+OVERLAP_IMPL = "torch"
+"""Where the non-interacting overlap numerators δ_kᵀ G_i a_k, and the norms ‖G_i‖ with them, come from on the
+kernel path: "torch", a batched matmul of the sample's δ_k against each G_i, a batched dot with a_k, and the
+norms in a pass of their own (on an H200, 5.2 and 2.7 ms a step over Qwen3-0.6B's decoder layers, the matmul at
+about half of its FLOPs' speed); "fused" (``norms_and_overlap``), one kernel that reads each tile of G once,
+multiplies it by the δ_k on the tensor cores, dots the product with a_k and sums the tile's squares.
+``python -m bench.kernel_configs`` times both."""
+OVERLAP_MAX_SAMPLES = 256
+"""More samples than this take the torch path: the fused kernel holds a samples × columns float32 product."""
+OVERLAP_BLOCK_N = 64
+OVERLAP_BLOCK_M = 64
+OVERLAP_WARPS = 8
+OVERLAP_STAGES = 3
+"""The fused kernel's columns of G per program, rows per step of its loop, warps and pipeline depth."""
+OVERLAP_WAVES = 2
+"""Fused-kernel programs per multiprocessor (about): a layer with few column blocks splits its rows among
+more programs, each with at least four steps of its loop."""
 SUM_BLOCK = 1024
 """Columns of G per program of the weighted-sum kernel: a pure read of G, which wants long rows per program
 (256, with the rows padded to 16, ran at a tenth of memory speed on an H200; BENCHMARKS.md, session 11).
@@ -182,6 +199,46 @@ def _row_squares_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.con
         tile = _load_tile(g_ptr, rows, (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK), B, N).to(tl.float32)
         acc += tile * tile
     tl.store(part_ptr + pid * B + rows, tl.sum(acc, axis=1), mask=rows < B)
+
+
+@_jit
+def _norm_overlap_kernel(g_ptr, dk_ptr, ak_ptr, num_ptr, sq_ptr, K, D_OUT, D_IN, DK_STRIDE, AK_STRIDE,
+                         SAMPLES: tl.constexpr, ROWS_PER: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr):
+    # Program (i, c, s): sequence i, columns c·BLOCK_N onwards, rows s·ROWS_PER onwards. Its partial of
+    # δ_kᵀ G_i a_k over those rows and columns for every sample k: the samples' δ_k (SAMPLES, BLOCK_M) times
+    # each (BLOCK_M, BLOCK_N) tile of G_i, accumulated in float32, then each row's dot with a_k over the
+    # columns; with NORM, its partial of Σ G_i² from the same tiles. Padding samples load as zeros.
+    i = tl.program_id(0)
+    c = tl.program_id(1)
+    s = tl.program_id(2)
+    samples = tl.arange(0, SAMPLES)
+    sample_in = samples < K
+    cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < D_IN
+    g_seq = g_ptr + i * D_OUT * D_IN
+    acc = tl.zeros((SAMPLES, BLOCK_N), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, ROWS_PER, BLOCK_M):
+        rows = s * ROWS_PER + step + tl.arange(0, BLOCK_M)
+        row_in = rows < D_OUT
+        d = tl.load(dk_ptr + samples[:, None] * DK_STRIDE + rows[None, :],
+                    mask=sample_in[:, None] & row_in[None, :], other=0.0)
+        tile = tl.load(g_seq + rows[:, None] * D_IN + cols[None, :], mask=row_in[:, None] & col_in[None, :],
+                       other=0.0)
+        if IEEE:  # float32 G: full float32 products, not TF32
+            acc += tl.dot(d, tile, input_precision="ieee")
+        else:
+            acc += tl.dot(d, tile)
+        if NORM:
+            wide = tile.to(tl.float32)
+            sq += wide * wide
+    a = tl.load(ak_ptr + samples[:, None] * AK_STRIDE + cols[None, :], mask=sample_in[:, None] & col_in[None, :],
+                other=0.0)
+    program = (i * tl.num_programs(1) + c) * tl.num_programs(2) + s
+    tl.store(num_ptr + program * SAMPLES + samples, tl.sum(acc * a.to(tl.float32), axis=1))
+    if NORM:
+        tl.store(sq_ptr + program, tl.sum(tl.sum(sq, axis=1), axis=0))
 
 
 @_jit
@@ -358,6 +415,39 @@ def row_norms(g: torch.Tensor) -> torch.Tensor:
     _row_squares_kernel[(programs,)](g, parts, b, n, ROWS=_rows(b), BLOCK=NORMS_BLOCK, STEPS=steps,
                                      num_warps=NORMS_WARPS)
     return parts.sum(0).sqrt()
+
+
+def overlap_fusable(g: torch.Tensor, a_k: torch.Tensor) -> bool:
+    """Whether the overlap numerators of g (B, out, in) and the sample a_k (K, in) go through the fused kernel
+    (``OVERLAP_IMPL = "fused"``): a contiguous CUDA G of a float type, B ≤ 64, fewer than 2³¹ elements, and
+    1 ≤ K ≤ ``OVERLAP_MAX_SAMPLES``."""
+    return (OVERLAP_IMPL == "fused" and g.dim() == 3 and usable(g.view(g.shape[0], -1))
+            and 0 < a_k.shape[0] <= OVERLAP_MAX_SAMPLES)
+
+
+def norms_and_overlap(g: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor,
+                      need_norm: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(‖G_i‖ or None, δ_kᵀ G_i a_k) for g (B, out, in), the sample rows a_k (K, in) and d_k (K, out; a view
+    of some of a wider δ_k's columns will do) in g's dtype: one read of G. Both float32: (B,) and (B, K)."""
+    b, d_out, d_in = g.shape
+    k = a_k.shape[0]
+    a_k = a_k if a_k.stride(1) == 1 else a_k.contiguous()
+    d_k = d_k if d_k.stride(1) == 1 else d_k.contiguous()
+    samples = _rows_padded(k)
+    columns = triton.cdiv(d_in, OVERLAP_BLOCK_N)
+    # Rows split among programs where the column blocks alone leave the device under-filled.
+    want = triton.cdiv(OVERLAP_WAVES * _processors(g.device), b * columns)
+    split = max(1, min(triton.next_power_of_2(want), d_out // (4 * OVERLAP_BLOCK_M)))
+    rows_per = triton.cdiv(triton.cdiv(d_out, split), OVERLAP_BLOCK_M) * OVERLAP_BLOCK_M
+    split = triton.cdiv(d_out, rows_per)
+    num = torch.empty(b, columns * split, samples, dtype=torch.float32, device=g.device)
+    sq = torch.empty(b, columns * split, dtype=torch.float32, device=g.device) if need_norm else num
+    _norm_overlap_kernel[(b, columns, split)](g, d_k, a_k, num, sq, k, d_out, d_in, d_k.stride(0), a_k.stride(0),
+                                              SAMPLES=samples, ROWS_PER=rows_per, BLOCK_M=OVERLAP_BLOCK_M,
+                                              BLOCK_N=OVERLAP_BLOCK_N, NORM=need_norm,
+                                              IEEE=g.dtype == torch.float32, num_warps=OVERLAP_WARPS,
+                                              num_stages=OVERLAP_STAGES)
+    return (sq.sum(1).sqrt() if need_norm else None), num.sum(1)[:, :k]
 
 
 def gram(g: torch.Tensor) -> torch.Tensor:

@@ -277,12 +277,16 @@ def tail_update(
     elif fused and a_k is None:
         w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
     elif fused and unregularised(cfg):
-        norm = None
-        if cfg.p != cfg.r:
-            norm = (kernels.row_norms(flat) if kernels.NORMS_IMPL == "kernel"
-                    else torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype))
-        w = kernels.non_interacting_weights(norm, overlap_numerators(g, a_k, d_k), a_k, d_k, adv, cfg.p - cfg.r,
-                                            cfg.q + cfg.r)
+        need_norm = cfg.p != cfg.r
+        if kernels.overlap_fusable(g, a_k):
+            norm, overlap_num = kernels.norms_and_overlap(g, a_k, d_k, need_norm)
+        else:
+            norm = None
+            if need_norm:
+                norm = (kernels.row_norms(flat) if kernels.NORMS_IMPL == "kernel"
+                        else torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype))
+            overlap_num = overlap_numerators(g, a_k, d_k)
+        w = kernels.non_interacting_weights(norm, overlap_num, a_k, d_k, adv, cfg.p - cfg.r, cfg.q + cfg.r)
     else:
         stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg),
                            use_kernels=cfg.kernels_enabled)

@@ -67,7 +67,8 @@ def layer_stats(
     chunk: output rows of G formed at once (None: all of them); fp32_gram: this device has a matmul from
     bf16/fp16 straight to float32 (see ``gram_out_dtype_supported``); need_norm: False leaves N_i out
     (non-interacting weights that do not read it); use_kernels: the NTK of G or of its blocks by the Triton
-    Gram kernel where usable (``IsopoConfig.triton_kernels``)."""
+    Gram kernel where usable (``IsopoConfig.triton_kernels``), and the norms and overlap numerators by the
+    fused kernel where ``kernels.OVERLAP_IMPL`` chooses it."""
     if strategy == "instantiate":
         return _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm, use_kernels)
     return _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm, fp32_gram)
@@ -91,7 +92,7 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, nee
             part = _ntk(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram, use_kernels)
             ntk = part if ntk is None else ntk + part
             continue
-        part_norm, part_o = _block_stats(g, a_k, d_k[:, lo:hi], stat_dtype, need_norm)
+        part_norm, part_o = _block_stats(g, a_k, d_k[:, lo:hi], stat_dtype, need_norm, use_kernels)
         # The blocks' squared norms and overlap numerators add up, in stat_dtype.
         part_o = part_o.to(stat_dtype)
         if need_norm:
@@ -105,11 +106,12 @@ def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | No
                fp32_gram: bool = False, need_norm: bool = True, use_kernels: bool = False) -> LayerStats:
     """The statistics from the per-sequence gradients g (B, out, in) formed in one piece; a_k is None for
     the interacting variant. use_kernels: the NTK by the Triton Gram kernel where ``kernels.usable``
-    (``IsopoConfig.triton_kernels``); the norms stay torch's, whose reduction reads G twice as fast."""
+    (``IsopoConfig.triton_kernels``); the norms torch's, whose reduction reads G twice as fast, unless the
+    fused kernel takes them with the overlap numerators (``kernels.OVERLAP_IMPL``)."""
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
         return LayerStats(norm=None, overlap_num=None, ntk=_ntk(g.view(g.shape[0], -1), stat_dtype, fp32_gram,
                                                                 use_kernels))
-    norm, overlap_num = _block_stats(g, a_k, d_k, stat_dtype, need_norm)
+    norm, overlap_num = _block_stats(g, a_k, d_k, stat_dtype, need_norm, use_kernels)
     return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None)
 
 
@@ -121,9 +123,12 @@ def _ntk(flat: torch.Tensor, stat_dtype: torch.dtype, fp32_gram: bool, use_kerne
     return gram_matrix(flat, stat_dtype, fp32_gram)
 
 
-def _block_stats(g, a_k, d_k, stat_dtype, need_norm) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _block_stats(g, a_k, d_k, stat_dtype, need_norm, use_kernels=False) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(‖G_i‖ over these rows or None, δ_kᵀ G_i a_k over these rows) of a block g (B, rows, in) of G; d_k
-    (K, rows). The norm is a whole pass over G: skipped when the weights do not read it."""
+    (K, rows). The norm is a whole pass over G: skipped when the weights do not read it. use_kernels: both
+    from one read of G by the fused kernel where it is chosen (``kernels.OVERLAP_IMPL``) and usable."""
+    if use_kernels and stat_dtype == torch.float32 and kernels.overlap_fusable(g, a_k):
+        return kernels.norms_and_overlap(g, a_k, d_k, need_norm)
     b = g.shape[0]
     norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=stat_dtype) if need_norm else None
     return norm, overlap_numerators(g, a_k, d_k)
