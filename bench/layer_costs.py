@@ -248,9 +248,14 @@ def format_table(result: dict) -> str:
 
 def run(opts: Options) -> int:
     validate(opts)
-    from .overhead import device_name
+    from .overhead import device_name, set_malloc_policy
 
+    heap = ""
+    # On a CPU, the overhead command's default heap: without it each call's fresh G is mmap'd and
+    # zero-filled anew, page faults that the pieces timed alone (into preallocated outputs) do not pay.
+    if opts.device == "cpu" and set_malloc_policy("retain"):
+        heap = ", heap retain"
     print(f"layer costs: {device_name(opts.device)}, {opts.model}, B={opts.batch}, T={opts.seq_len}, "
-          f"K={opts.num_samples}, median of {opts.repeats}", flush=True)
+          f"K={opts.num_samples}, median of {opts.repeats}{heap}", flush=True)
     print(format_table(measure(opts)))
     return 0
