@@ -355,21 +355,28 @@ def test_a_non_interacting_layer_formed_in_blocks_takes_the_fused_kernel_per_blo
     assert len(calls) > len(widths) and max(widths) <= 40_000 // 4 // 2
 
 
+# On a GPU also the non-interacting statistics by the fused kernel (on a CPU it would not run: no bf16 there).
+BF16_TAILS = [("non_interacting", "torch"), ("interacting", "torch")] + (
+    [("non_interacting", "fused")] if torch.cuda.is_available() else [])
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", ["non_interacting", "interacting"])
-def test_the_fused_tails_in_graphs_under_bf16_autocast_match_the_torch_path(device, variant, monkeypatch):
+@pytest.mark.parametrize(("variant", "overlap_impl"), BF16_TAILS)
+def test_the_fused_tails_in_graphs_under_bf16_autocast_match_the_torch_path(device, variant, overlap_impl,
+                                                                           monkeypatch):
     """The benchmark's CUDA path: bf16 autocast, the layer tails captured as graphs, from G to the weights in
     the Triton kernels, against the eager torch path (cuBLAS, cuSOLVER). The torch path rounds the weights to
     bf16 before its weighted sum, the kernel sums in float32: they agree to bf16's precision. On a CPU the
     kernels are not admitted for bf16 (the interpreter has none), so there the graph path's torch tail runs."""
     if device == "cpu":
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
-    calls = {"n": 0}
-    for name in ("interacting_weights", "non_interacting_weights"):
+    monkeypatch.setattr(kernels, "OVERLAP_IMPL", overlap_impl)
+    calls = {"interacting_weights": 0, "non_interacting_weights": 0, "norms_and_overlap": 0}
+    for name in calls:
         real = getattr(kernels, name)
 
-        def counted(*args, _real=real, **kwargs):
-            calls["n"] += 1
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(kernels, name, counted)
@@ -385,5 +392,6 @@ def test_the_fused_tails_in_graphs_under_bf16_autocast_match_the_torch_path(devi
     graphed.graphs.capture = device == "cuda"
     assert_rel_close(efficient_step(model, graphed, batches, n_tok, autocast=bf16), expected, tol=1e-2)
     assert not graphed.graphs.failed
-    assert (calls["n"] > 0) == (device == "cuda")
+    assert (calls["interacting_weights"] + calls["non_interacting_weights"] > 0) == (device == "cuda")
+    assert (calls["norms_and_overlap"] > 0) == (device == "cuda" and overlap_impl == "fused")
 
