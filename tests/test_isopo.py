@@ -652,6 +652,20 @@ def test_overlap_samples_are_uniform_subsets_in_uniform_order(n, k):
     assert chisquare(torch.bincount(rows[:, -1], minlength=n).numpy()).pvalue > 1e-3
 
 
+def test_output_blocks_fit_the_budget_and_start_on_16_byte_boundaries():
+    """A block holds at most chunk_bytes of G, a multiple of 8 rows where 8 fit (so each block's columns of
+    δ start 16 bytes apart in bf16); fewer rows than 8 as they come; None where G fits whole."""
+    from algorithms.isopo.statistics import output_chunk
+
+    assert output_chunk(256 * 2**20, 2, 8, 1024, 151936) == 16384  # Qwen3-0.6B's LM head, B = 8, bf16
+    for chunk_bytes, b, d_in, d_out in [(12_000, 3, 32, 48), (10**6, 7, 100, 5000), (3000, 2, 100, 50)]:
+        rows = output_chunk(chunk_bytes, 4, b, d_in, d_out)
+        assert rows * 4 * b * d_in <= chunk_bytes and rows < d_out
+        assert rows % 8 == 0 or rows < 8
+    assert output_chunk(12_000, 4, 3, 32, 48) == 24  # 31 rows fit
+    assert output_chunk(10**9, 4, 8, 1024, 2048) is None
+
+
 def test_auto_strategy_forms_g_at_qwen3_shapes_lm_head_included():
     """At Qwen3-0.6B's shapes (B = 8, T = 1024, K = 250; the LM head on the 513 response columns, K ≈ 125)
     every layer forms G, the LM head's in blocks (2.5 GB in bf16): on an H200 that step ran at 1.102× of

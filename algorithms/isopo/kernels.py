@@ -29,6 +29,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # a CPU-only torch without Triton: every caller keeps its torch path
     triton = None
 
@@ -202,39 +203,36 @@ def _row_squares_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.con
 
 
 @_jit
-def _norm_overlap_kernel(g_ptr, dk_ptr, ak_ptr, num_ptr, sq_ptr, K, D_OUT, D_IN, DK_STRIDE, AK_STRIDE,
+def _norm_overlap_kernel(g_desc, dk_desc, ak_ptr, num_ptr, sq_ptr, K, D_OUT, D_IN, AK_STRIDE,
                          SAMPLES: tl.constexpr, ROWS_PER: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr):
     # Program (i, c, s): sequence i, columns c·BLOCK_N onwards, rows s·ROWS_PER onwards. Its partial of
     # δ_kᵀ G_i a_k over those rows and columns for every sample k: the samples' δ_k (SAMPLES, BLOCK_M) times
     # each (BLOCK_M, BLOCK_N) tile of G_i, accumulated in float32, then each row's dot with a_k over the
-    # columns; with NORM, its partial of Σ G_i² from the same tiles. Padding samples load as zeros.
+    # columns; with NORM, its partial of Σ G_i² from the same tiles. g_desc views G as (B·D_OUT, D_IN),
+    # dk_desc δ_k as (K, D_OUT): tensor descriptors, whose loads (TMA on a Hopper GPU) hold no pointer per
+    # element (pointer tiles this size ran out of registers) and read zeros past the shape — past K, past
+    # D_IN, and past D_OUT for δ_k, so a tile's rows of the next sequence multiply zeros.
     i = tl.program_id(0)
     c = tl.program_id(1)
     s = tl.program_id(2)
-    samples = tl.arange(0, SAMPLES)
-    sample_in = samples < K
-    cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_in = cols < D_IN
-    g_seq = g_ptr + i * D_OUT * D_IN
     acc = tl.zeros((SAMPLES, BLOCK_N), dtype=tl.float32)
     sq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, ROWS_PER, BLOCK_M):
-        rows = s * ROWS_PER + step + tl.arange(0, BLOCK_M)
-        row_in = rows < D_OUT
-        d = tl.load(dk_ptr + samples[:, None] * DK_STRIDE + rows[None, :],
-                    mask=sample_in[:, None] & row_in[None, :], other=0.0)
-        tile = tl.load(g_seq + rows[:, None] * D_IN + cols[None, :], mask=row_in[:, None] & col_in[None, :],
-                       other=0.0)
+        row = s * ROWS_PER + step
+        d = dk_desc.load([0, row])
+        tile = g_desc.load([i * D_OUT + row, c * BLOCK_N])
         if IEEE:  # float32 G: full float32 products, not TF32
             acc += tl.dot(d, tile, input_precision="ieee")
         else:
             acc += tl.dot(d, tile)
-        if NORM:
-            wide = tile.to(tl.float32)
+        if NORM:  # the squares of this sequence's rows only
+            wide = tl.where((row + tl.arange(0, BLOCK_M) < D_OUT)[:, None], tile.to(tl.float32), 0.0)
             sq += wide * wide
-    a = tl.load(ak_ptr + samples[:, None] * AK_STRIDE + cols[None, :], mask=sample_in[:, None] & col_in[None, :],
-                other=0.0)
+    samples = tl.arange(0, SAMPLES)
+    cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    a = tl.load(ak_ptr + samples[:, None] * AK_STRIDE + cols[None, :],
+                mask=(samples[:, None] < K) & (cols[None, :] < D_IN), other=0.0)
     program = (i * tl.num_programs(1) + c) * tl.num_programs(2) + s
     tl.store(num_ptr + program * SAMPLES + samples, tl.sum(acc * a.to(tl.float32), axis=1))
     if NORM:
@@ -417,22 +415,30 @@ def row_norms(g: torch.Tensor) -> torch.Tensor:
     return parts.sum(0).sqrt()
 
 
-def overlap_fusable(g: torch.Tensor, a_k: torch.Tensor) -> bool:
-    """Whether the overlap numerators of g (B, out, in) and the sample a_k (K, in) go through the fused kernel
-    (``OVERLAP_IMPL = "fused"``): a contiguous CUDA G of a float type, B ≤ 64, fewer than 2³¹ elements, and
-    1 ≤ K ≤ ``OVERLAP_MAX_SAMPLES``."""
-    return (OVERLAP_IMPL == "fused" and g.dim() == 3 and usable(g.view(g.shape[0], -1))
-            and 0 < a_k.shape[0] <= OVERLAP_MAX_SAMPLES)
+def overlap_fusable(g: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor) -> bool:
+    """Whether the overlap numerators of g (B, out, in) and the sample rows a_k (K, in), d_k (K, out) go
+    through the fused kernel (``OVERLAP_IMPL = "fused"``): a contiguous CUDA G of a float type, B ≤ 64, fewer
+    than 2³¹ elements, 1 ≤ K ≤ ``OVERLAP_MAX_SAMPLES``, d_k in G's dtype, and G and d_k laid out as tensor
+    descriptors need (rows of whole 16-byte units, 16-byte aligned)."""
+    return (OVERLAP_IMPL == "fused" and g.dim() == 3 and g.is_contiguous() and usable(g.view(g.shape[0], -1))
+            and 0 < a_k.shape[0] <= OVERLAP_MAX_SAMPLES and d_k.dtype == g.dtype
+            and _descriptor_ready(g) and _descriptor_ready(d_k))
+
+
+def _descriptor_ready(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
 
 
 def norms_and_overlap(g: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor,
                       need_norm: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(‖G_i‖ or None, δ_kᵀ G_i a_k) for g (B, out, in), the sample rows a_k (K, in) and d_k (K, out; a view
-    of some of a wider δ_k's columns will do) in g's dtype: one read of G. Both float32: (B,) and (B, K)."""
+    of some of a wider δ_k's columns will do), as ``overlap_fusable`` admits them: one read of G. Both
+    float32: (B,) and (B, K)."""
     b, d_out, d_in = g.shape
     k = a_k.shape[0]
     a_k = a_k if a_k.stride(1) == 1 else a_k.contiguous()
-    d_k = d_k if d_k.stride(1) == 1 else d_k.contiguous()
     samples = _rows_padded(k)
     columns = triton.cdiv(d_in, OVERLAP_BLOCK_N)
     # Rows split among programs where the column blocks alone leave the device under-filled.
@@ -442,7 +448,9 @@ def norms_and_overlap(g: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor,
     split = triton.cdiv(d_out, rows_per)
     num = torch.empty(b, columns * split, samples, dtype=torch.float32, device=g.device)
     sq = torch.empty(b, columns * split, dtype=torch.float32, device=g.device) if need_norm else num
-    _norm_overlap_kernel[(b, columns, split)](g, d_k, a_k, num, sq, k, d_out, d_in, d_k.stride(0), a_k.stride(0),
+    g_desc = TensorDescriptor.from_tensor(g.view(b * d_out, d_in), [OVERLAP_BLOCK_M, OVERLAP_BLOCK_N])
+    dk_desc = TensorDescriptor.from_tensor(d_k, [samples, OVERLAP_BLOCK_M])
+    _norm_overlap_kernel[(b, columns, split)](g_desc, dk_desc, a_k, num, sq, k, d_out, d_in, a_k.stride(0),
                                               SAMPLES=samples, ROWS_PER=rows_per, BLOCK_M=OVERLAP_BLOCK_M,
                                               BLOCK_N=OVERLAP_BLOCK_N, NORM=need_norm,
                                               IEEE=g.dtype == torch.float32, num_warps=OVERLAP_WARPS,

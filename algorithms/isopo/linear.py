@@ -278,7 +278,7 @@ def tail_update(
         w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
     elif fused and unregularised(cfg):
         need_norm = cfg.p != cfg.r
-        if kernels.overlap_fusable(g, a_k):
+        if kernels.overlap_fusable(g, a_k, d_k):
             norm, overlap_num = kernels.norms_and_overlap(g, a_k, d_k, need_norm)
         else:
             norm = None

@@ -75,9 +75,13 @@ def layer_stats(
 
 
 def output_chunk(chunk_bytes: int, itemsize: int, b: int, d_in: int, d_out: int) -> int | None:
-    """Output rows of G per block under chunk_bytes, or None when the whole G fits."""
+    """Output rows of G per block under chunk_bytes, or None when the whole G fits. A multiple of 8 rows where
+    there are that many: each block's columns of δ then start on a 16-byte boundary (as the fused kernel's
+    tensor descriptors need)."""
     chunk = max(1, min(d_out, chunk_bytes // itemsize // max(1, b * d_in)))
-    return None if chunk >= d_out else chunk
+    if chunk >= d_out:
+        return None
+    return chunk - chunk % 8 if chunk >= 8 else chunk
 
 
 def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm, use_kernels) -> LayerStats:
@@ -127,7 +131,7 @@ def _block_stats(g, a_k, d_k, stat_dtype, need_norm, use_kernels=False) -> tuple
     """(‖G_i‖ over these rows or None, δ_kᵀ G_i a_k over these rows) of a block g (B, rows, in) of G; d_k
     (K, rows). The norm is a whole pass over G: skipped when the weights do not read it. use_kernels: both
     from one read of G by the fused kernel where it is chosen (``kernels.OVERLAP_IMPL``) and usable."""
-    if use_kernels and stat_dtype == torch.float32 and kernels.overlap_fusable(g, a_k):
+    if use_kernels and stat_dtype == torch.float32 and kernels.overlap_fusable(g, a_k, d_k):
         return kernels.norms_and_overlap(g, a_k, d_k, need_norm)
     b = g.shape[0]
     norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=stat_dtype) if need_norm else None
