@@ -32,9 +32,10 @@ OUTER_SETTINGS = [(block, warps) for block in (64, 128, 256) for warps in (4, 8)
 """(columns per tile, warps) of the outer-product Gram kernel (``GRAM_IMPL = "outer"``)."""
 NORMS_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (4, 8)]
 """(columns per tile, warps) of the row-norm kernel, against torch's ``vector_norm`` ("norms torch")."""
-OVERLAP_SETTINGS = [(64, 64, 8, 3), (64, 64, 4, 3), (32, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4), (128, 64, 8, 2)]
+OVERLAP_SETTINGS = [(64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 4), (64, 32, 8, 3), (64, 64, 16, 3)]
 """(rows per step, columns, warps, stages) of the fused norms-and-overlap kernel (``OVERLAP_IMPL = "fused"``),
-against torch's norm and overlap matmuls at K = ``SAMPLES`` ("norms+overlap torch")."""
+against torch's norm and overlap matmuls at K = ``SAMPLES`` ("norms+overlap torch"). None spills registers
+for sm_90a (``python -m bench.kernel_compile --candidates``); 4 warps, or 128 columns, did."""
 SAMPLES = 250
 WARPS = (1, 2, 4)
 

@@ -29,9 +29,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # a CPU-only torch without Triton: every caller keeps its torch path
     triton = None
+try:  # host-side tensor descriptors (Triton 3.3 on): the fused norms-and-overlap kernel's loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 def _jit(fn):
@@ -56,9 +59,10 @@ the end (``_gram_outer_kernel``: the weighted sum's read pattern, which reads G 
 ROWS² float32 products a column, for B ≤ ``OUTER_MAX_ROWS``). ``python -m bench.kernel_configs`` times both."""
 OUTER_MAX_ROWS = 16
 OUTER_BLOCK = 128
-OUTER_WARPS = 4
+OUTER_WARPS = 8
 """The outer-product Gram kernel's columns per tile (for B ≤ 8; narrower past it) and warps: its accumulator
-holds ROWS² × columns float32 values per program, 64 a thread at B = 8 with 128 columns and 4 warps."""
+holds ROWS² × columns float32 values per program, 32 a thread at B = 8 with 128 columns and 8 warps (with 4
+warps ptxas spilled 32 bytes for sm_90a: ``python -m bench.kernel_compile``)."""
 NORMS_IMPL = "torch"
 """Where the non-interacting norms ‖G_i‖ of the kernel path come from: "torch" (``vector_norm``, ~2.6 TB/s on
 an H200) or "kernel" (``row_norms``). ``python -m bench.kernel_configs`` times both."""
@@ -420,7 +424,7 @@ def overlap_fusable(g: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor) -> bo
     through the fused kernel (``OVERLAP_IMPL = "fused"``): a contiguous CUDA G of a float type, B ≤ 64, fewer
     than 2³¹ elements, 1 ≤ K ≤ ``OVERLAP_MAX_SAMPLES``, d_k in G's dtype, and G and d_k laid out as tensor
     descriptors need (rows of whole 16-byte units, 16-byte aligned)."""
-    return (OVERLAP_IMPL == "fused" and g.dim() == 3 and g.is_contiguous() and usable(g.view(g.shape[0], -1))
+    return (OVERLAP_IMPL == "fused" and TensorDescriptor is not None and g.dim() == 3 and g.is_contiguous() and usable(g.view(g.shape[0], -1))
             and 0 < a_k.shape[0] <= OVERLAP_MAX_SAMPLES and d_k.dtype == g.dtype
             and _descriptor_ready(g) and _descriptor_ready(d_k))
 
