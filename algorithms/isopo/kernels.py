@@ -424,8 +424,8 @@ def overlap_fusable(g: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor) -> bo
     through the fused kernel (``OVERLAP_IMPL = "fused"``): a contiguous CUDA G of a float type, B ≤ 64, fewer
     than 2³¹ elements, 1 ≤ K ≤ ``OVERLAP_MAX_SAMPLES``, d_k in G's dtype, and G and d_k laid out as tensor
     descriptors need (rows of whole 16-byte units, 16-byte aligned)."""
-    return (OVERLAP_IMPL == "fused" and TensorDescriptor is not None and g.dim() == 3 and g.is_contiguous() and usable(g.view(g.shape[0], -1))
-            and 0 < a_k.shape[0] <= OVERLAP_MAX_SAMPLES and d_k.dtype == g.dtype
+    return (OVERLAP_IMPL == "fused" and TensorDescriptor is not None and g.dim() == 3 and g.is_contiguous()
+            and usable(g.view(g.shape[0], -1)) and 0 < a_k.shape[0] <= OVERLAP_MAX_SAMPLES and d_k.dtype == g.dtype
             and _descriptor_ready(g) and _descriptor_ready(d_k))
 
 
