@@ -3,10 +3,11 @@ PTX, then ptxas (both ship with Triton) to the device code, which reports each k
 thread, spilled bytes and shared memory.
 
 A kernel that does not build for the GPU, or one that spills its registers to local memory, shows here
-before a lent GPU's time is spent on it (session 15: the first fused norms-and-overlap kernel, with a
-pointer per element of its (256, 64) tiles, compiled to 255 registers and spills; tensor descriptors
-brought it to ~165 and none). Each kernel is compiled at its launch settings in ``kernels.py`` (bf16 G, B = 8,
-as in the benchmark on a GPU), and the candidates of ``bench.kernel_configs`` with ``--candidates``.
+before a lent GPU's time is spent on it. Each kernel is compiled at its launch settings in ``kernels.py``
+(bf16 G, B = 8, as in the benchmark on a GPU), and the candidates of ``bench.kernel_configs`` with
+``--candidates``, specialised as Triton specialises them at run time at Qwen3-0.6B's shapes (``Launch``):
+without that, every read of G compiled to scalar 2-byte loads and the registers counted were up to twice
+as many.
 
     python -m bench.kernel_compile [--arch 90] [--candidates]
 """
@@ -33,14 +34,23 @@ SAMPLES = 256
 
 @dataclass
 class Launch:
-    """One kernel at one setting: its argument types (Triton's signature strings), compile-time constants
-    and launch options."""
+    """One kernel at one setting: its argument types (Triton's signature strings), compile-time constants,
+    launch options, and the integer arguments that are multiples of 16 at Qwen3-0.6B's shapes. At run time
+    Triton compiles a kernel for what it sees: pointers on 16-byte boundaries and integers divisible by 16
+    (the row lengths, out·in) are marked so, which lets it vectorise loads; these launches are marked alike."""
 
     name: str
     kernel: object
     signature: dict[str, str]
     constants: dict[str, object]
     options: dict[str, int] = field(default_factory=dict)
+    multiples_of_16: tuple[str, ...] = ()
+
+    def attributes(self) -> dict[tuple[int, ...], list]:
+        names = list(self.kernel.arg_names)
+        marked = [name for name, kind in self.signature.items()
+                  if kind.startswith("*") or name in self.multiples_of_16]
+        return {(names.index(name),): [["tt.divisibility", 16]] for name in marked}
 
 
 def _sig(pointers: dict[str, str], scalars: dict[str, str], constants: dict[str, object]) -> dict[str, str]:
@@ -56,22 +66,23 @@ def launches(candidates: bool = False) -> list[Launch]:
     def weighted_sum(block, warps):
         c = {"ROWS": ROWS, "BLOCK": block}
         return Launch(f"weighted_sum block={block} warps={warps}", k._weighted_sum_kernel,
-                      _sig({"g_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16"}, b_n, c), c, {"num_warps": warps})
+                      _sig({"g_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16"}, b_n, c), c, {"num_warps": warps},
+                      ("N",))
 
     def gram(block, warps, stages):
         c = {"ROWS": max(16, ROWS), "BLOCK": block, "STEPS": 4, "IEEE": False}
         return Launch(f"gram block={block} warps={warps} stages={stages}", k._gram_kernel, _sig(g_in, b_n, c), c,
-                      {"num_warps": warps, "num_stages": stages})
+                      {"num_warps": warps, "num_stages": stages}, ("N",))
 
     def outer(block, warps):
         c = {"ROWS": ROWS, "BLOCK": block, "STEPS": 4}
         return Launch(f"gram outer block={block} warps={warps}", k._gram_outer_kernel, _sig(g_in, b_n, c), c,
-                      {"num_warps": warps})
+                      {"num_warps": warps}, ("N",))
 
     def norms(block, warps):
         c = {"ROWS": ROWS, "BLOCK": block, "STEPS": 4}
         return Launch(f"norms kernel block={block} warps={warps}", k._row_squares_kernel, _sig(g_in, b_n, c), c,
-                      {"num_warps": warps})
+                      {"num_warps": warps}, ("N",))
 
     def overlap(rows, cols, warps, stages):
         c = {"SAMPLES": SAMPLES, "ROWS_PER": 8 * rows, "BLOCK_M": rows, "BLOCK_N": cols, "NORM": True,
@@ -80,7 +91,8 @@ def launches(candidates: bool = False) -> list[Launch]:
                     "ak_ptr": "*bf16", "num_ptr": "*fp32", "sq_ptr": "*fp32"}
         scalars = {"K": "i32", "D_OUT": "i32", "D_IN": "i32", "AK_STRIDE": "i32"}
         return Launch(f"norms+overlap fused rows={rows} cols={cols} warps={warps} stages={stages}",
-                      k._norm_overlap_kernel, _sig(pointers, scalars, c), c, {"num_warps": warps, "num_stages": stages})
+                      k._norm_overlap_kernel, _sig(pointers, scalars, c), c, {"num_warps": warps, "num_stages": stages},
+                      ("D_OUT", "D_IN", "AK_STRIDE"))
 
     solve_c = {"ROWS": ROWS}
     ni_c = {"HAS_N": True, "HAS_O": True, "ROWS": ROWS, "KBLOCK": 256}
@@ -96,7 +108,7 @@ def launches(candidates: bool = False) -> list[Launch]:
                     solve_c), solve_c, {"num_warps": k.SOLVE_WARPS}),
         Launch("row_norm_product", k._row_norm_product_kernel,
                _sig({"a_ptr": "*bf16", "d_ptr": "*bf16", "out_ptr": "*fp32"}, {"D_IN": "i32", "D_OUT": "i32"},
-                    {"BLOCK": k.BLOCK}), {"BLOCK": k.BLOCK}),
+                    {"BLOCK": k.BLOCK}), {"BLOCK": k.BLOCK}, multiples_of_16=("D_IN", "D_OUT")),
         Launch("non_interacting_weights", k._non_interacting_kernel,
                _sig({"norm_ptr": "*fp32", "num_ptr": "*fp32", "prod_ptr": "*fp32", "adv_ptr": "*fp32",
                      "out_ptr": "*fp32"},
@@ -130,7 +142,8 @@ def compile_report(launch: Launch, arch: int = 90) -> Report:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=launch.constants)
+    source = ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=launch.constants,
+                       attrs=launch.attributes())
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch.options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")

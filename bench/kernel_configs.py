@@ -34,8 +34,9 @@ NORMS_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (4, 8)]
 """(columns per tile, warps) of the row-norm kernel, against torch's ``vector_norm`` ("norms torch")."""
 OVERLAP_SETTINGS = [(64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 4), (64, 32, 8, 3), (64, 64, 16, 3)]
 """(rows per step, columns, warps, stages) of the fused norms-and-overlap kernel (``OVERLAP_IMPL = "fused"``),
-against torch's norm and overlap matmuls at K = ``SAMPLES`` ("norms+overlap torch"). None spills registers
-for sm_90a (``python -m bench.kernel_compile --candidates``); 4 warps, or 128 columns, did."""
+against torch's norm and overlap matmuls at K = ``SAMPLES`` ("norms+overlap torch"). For sm_90a each takes at
+most 128 registers a thread, none spilled (``python -m bench.kernel_compile --candidates``); with 4 warps, or
+128 columns, it took ~250."""
 SAMPLES = 250
 WARPS = (1, 2, 4)
 

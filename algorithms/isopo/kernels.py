@@ -59,10 +59,9 @@ the end (``_gram_outer_kernel``: the weighted sum's read pattern, which reads G 
 ROWS² float32 products a column, for B ≤ ``OUTER_MAX_ROWS``). ``python -m bench.kernel_configs`` times both."""
 OUTER_MAX_ROWS = 16
 OUTER_BLOCK = 128
-OUTER_WARPS = 8
+OUTER_WARPS = 4
 """The outer-product Gram kernel's columns per tile (for B ≤ 8; narrower past it) and warps: its accumulator
-holds ROWS² × columns float32 values per program, 32 a thread at B = 8 with 128 columns and 8 warps (with 4
-warps ptxas spilled 32 bytes for sm_90a: ``python -m bench.kernel_compile``)."""
+holds ROWS² × columns float32 values per program, 64 a thread at B = 8 with 128 columns and 4 warps."""
 NORMS_IMPL = "torch"
 """Where the non-interacting norms ‖G_i‖ of the kernel path come from: "torch" (``vector_norm``, ~2.6 TB/s on
 an H200) or "kernel" (``row_norms``). ``python -m bench.kernel_configs`` times both."""
@@ -215,8 +214,8 @@ def _norm_overlap_kernel(g_desc, dk_desc, ak_ptr, num_ptr, sq_ptr, K, D_OUT, D_I
     # each (BLOCK_M, BLOCK_N) tile of G_i, accumulated in float32, then each row's dot with a_k over the
     # columns; with NORM, its partial of Σ G_i² from the same tiles. g_desc views G as (B·D_OUT, D_IN),
     # dk_desc δ_k as (K, D_OUT): tensor descriptors, whose loads (TMA on a Hopper GPU) hold no pointer per
-    # element (pointer tiles this size ran out of registers) and read zeros past the shape — past K, past
-    # D_IN, and past D_OUT for δ_k, so a tile's rows of the next sequence multiply zeros.
+    # element (for sm_90a 128 registers a thread against 158 with pointer tiles) and read zeros past the
+    # shape — past K, past D_IN, and past D_OUT for δ_k, so a tile's rows of the next sequence multiply zeros.
     i = tl.program_id(0)
     c = tl.program_id(1)
     s = tl.program_id(2)
