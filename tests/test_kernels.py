@@ -308,6 +308,20 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, rea
     assert (calls["non_interacting_weights"] > 0) == (variant == "non_interacting")
 
 
+def _assert_the_kernels_change_nothing(device, cfg, torch_path_called_none):
+    """One step of the tiny model with ``cfg`` (kernels off), after which torch_path_called_none() must
+    hold, then the same step with the kernels on: the same gradients."""
+    model = tiny_qwen3(dtype=torch.float32).to(device)
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in step_batches(0)]
+    n_tok = response_tokens(batches)
+    expected = efficient_step(model, Isopo(model, cfg), batches, n_tok)
+    assert torch_path_called_none()
+    got = efficient_step(model, Isopo(model, cfg.replace(triton_kernels=True)), batches, n_tok)
+    for name, ref in expected.items():
+        err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
+        assert err < 1e-5, f"{name}: {err:.2e}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_an_interacting_layer_formed_in_blocks_takes_the_gram_kernel_per_block(device, monkeypatch):
     """A G too large to hold (the LM head) is formed a block of output rows at a time; with the kernels each
@@ -320,15 +334,7 @@ def test_an_interacting_layer_formed_in_blocks_takes_the_gram_kernel_per_block(d
     monkeypatch.setattr(kernels, "gram_parts", lambda g: calls.append(g.shape) or real(g))
     cfg = IsopoConfig(variant="interacting", setting=None, c_lambda=0.5, strategy="instantiate", chunk_bytes=40_000,
                       cuda_graphs=False, triton_kernels=False)
-    model = tiny_qwen3(dtype=torch.float32).to(device)
-    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in step_batches(0)]
-    n_tok = response_tokens(batches)
-    expected = efficient_step(model, Isopo(model, cfg), batches, n_tok)
-    assert not calls
-    got = efficient_step(model, Isopo(model, cfg.replace(triton_kernels=True)), batches, n_tok)
-    for name, ref in expected.items():
-        err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
-        assert err < 1e-5, f"{name}: {err:.2e}"
+    _assert_the_kernels_change_nothing(device, cfg, torch_path_called_none=lambda: not calls)
     # Blocks: fewer output rows than the layer has (40 kB of float32 G at a time).
     widths = {shape[1] for shape in calls}
     assert len(calls) > len(widths) and max(widths) <= 40_000 // 4 // 2
@@ -356,15 +362,7 @@ def test_a_non_interacting_layer_formed_in_blocks_takes_the_fused_kernel_per_blo
     extra = dict(setting=None, p=0.5, q=-1.0, r=-1.0, c_n=0.3, c_o=0.2) if regularised else dict(setting="paper")
     cfg = IsopoConfig(variant="non_interacting", num_samples=9, strategy="instantiate", chunk_bytes=12_000,
                       cuda_graphs=False, triton_kernels=False, **extra)
-    model = tiny_qwen3(dtype=torch.float32).to(device)
-    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in step_batches(0)]
-    n_tok = response_tokens(batches)
-    expected = efficient_step(model, Isopo(model, cfg), batches, n_tok)
-    assert not blocks
-    got = efficient_step(model, Isopo(model, cfg.replace(triton_kernels=True)), batches, n_tok)
-    for name, ref in expected.items():
-        err = float((got[name] - ref).norm() / ref.norm().clamp_min(1e-30))
-        assert err < 1e-5, f"{name}: {err:.2e}"
+    _assert_the_kernels_change_nothing(device, cfg, torch_path_called_none=lambda: not blocks)
     # Blocks of 8 to 24 rows at B = 4 and 3 (12 kB of float32 G at a time; the LM head's 37-column δ_k has
     # rows of 148 bytes, which descriptors cannot take: it keeps the torch path).
     assert blocks and set(blocks) <= {8, 16, 24}
