@@ -53,6 +53,12 @@ class Launch:
         return {(names.index(name),): [["tt.divisibility", 16]] for name in marked}
 
 
+def _steps(waves: int) -> int:
+    """Tiles per program of a reduction over G, as ``kernels._steps`` picks it for Qwen3-0.6B's smallest
+    decoder layer (1024 × 1024) on a 132-multiprocessor H100/H200 (columns per tile aside: one at 64 waves)."""
+    return 1 if waves >= 64 else 4
+
+
 def _sig(pointers: dict[str, str], scalars: dict[str, str], constants: dict[str, object]) -> dict[str, str]:
     return pointers | scalars | {name: "constexpr" for name in constants}
 
@@ -69,14 +75,14 @@ def launches(candidates: bool = False) -> list[Launch]:
                       _sig({"g_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16"}, b_n, c), c, {"num_warps": warps},
                       ("N",))
 
-    def gram(block, warps, stages):
-        c = {"ROWS": max(16, ROWS), "BLOCK": block, "STEPS": 4, "IEEE": False}
-        return Launch(f"gram block={block} warps={warps} stages={stages}", k._gram_kernel, _sig(g_in, b_n, c), c,
+    def gram(block, warps, stages, waves=k.GRAM_WAVES):
+        c = {"ROWS": max(16, ROWS), "BLOCK": block, "STEPS": _steps(waves), "IEEE": False}
+        return Launch(f"gram block={block} warps={warps} stages={stages} waves={waves}", k._gram_kernel, _sig(g_in, b_n, c), c,
                       {"num_warps": warps, "num_stages": stages}, ("N",))
 
-    def outer(block, warps):
-        c = {"ROWS": ROWS, "BLOCK": block, "STEPS": 4}
-        return Launch(f"gram outer block={block} warps={warps}", k._gram_outer_kernel, _sig(g_in, b_n, c), c,
+    def outer(block, warps, waves=k.GRAM_WAVES):
+        c = {"ROWS": ROWS, "BLOCK": block, "STEPS": _steps(waves)}
+        return Launch(f"gram outer block={block} warps={warps} waves={waves}", k._gram_outer_kernel, _sig(g_in, b_n, c), c,
                       {"num_warps": warps}, ("N",))
 
     def norms(block, warps):
@@ -120,7 +126,7 @@ def launches(candidates: bool = False) -> list[Launch]:
                int_c, {"num_warps": k.WEIGHTS_WARPS}),
     ]
     if candidates:
-        out += [weighted_sum(*s) for s in SUM_SETTINGS] + [gram(*s[:3]) for s in GRAM_SETTINGS]
+        out += [weighted_sum(*s) for s in SUM_SETTINGS] + [gram(*s) for s in GRAM_SETTINGS]
         out += [outer(*s) for s in OUTER_SETTINGS] + [norms(*s) for s in NORMS_SETTINGS]
         out += [overlap(*s) for s in OVERLAP_SETTINGS]
     return list({launch.name: launch for launch in out}.values())  # a candidate that is the default: once

@@ -23,13 +23,17 @@ from algorithms.isopo.statistics import gram_matrix, gram_out_dtype_supported, o
 from .layer_costs import linear_shapes, replay_us
 from .overhead import OverheadError, check_model_and_device
 
-SUM_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (2, 4, 8)]
-GRAM_SETTINGS = [(256, 4, 3, 4), (256, 4, 4, 4), (256, 4, 3, 8), (512, 4, 3, 4)]
-"""(block, warps, stages, waves) of the tensor-core Gram kernel: the default, a deeper pipeline, more programs
-(more reads in flight, more partials to sum), longer tiles. On an H200 (session 14) 8 warps ran it 1.6×
-slower and no setting read G faster than the default (BENCHMARKS.md)."""
-OUTER_SETTINGS = [(block, warps) for block in (64, 128, 256) for warps in (4, 8)]
-"""(columns per tile, warps) of the outer-product Gram kernel (``GRAM_IMPL = "outer"``)."""
+SUM_SETTINGS = [(1024, 4), (2048, 8)]
+"""(block, warps) of the weighted-sum kernel: the default and the other of session 14's two fastest on an H200
+(1.97–2.03 ms a step; four others, 2.02–4.97 ms, are no longer timed)."""
+GRAM_SETTINGS = [(256, 4, 3, 4), (256, 4, 4, 4), (512, 4, 3, 4), (1024, 4, 2, 64), (1024, 8, 2, 64)]
+"""(block, warps, stages, waves) of the tensor-core Gram kernel: the default, a deeper pipeline, longer tiles,
+and one 1024-column tile per program (64 waves: the weighted sum's pattern, which reads G at ~3.5 TB/s, with
+a partial per program to sum). On an H200 (session 14) 8 warps of 256-column tiles ran it 1.6× slower, 8 or
+16 waves of them slower too, and no setting read G faster than the default (BENCHMARKS.md)."""
+OUTER_SETTINGS = [(block, warps, 4) for block in (64, 128, 256) for warps in (4, 8)] + [(128, 4, 64), (256, 8, 64)]
+"""(columns per tile, warps, waves) of the outer-product Gram kernel (``GRAM_IMPL = "outer"``); 64 waves: one
+tile per program."""
 NORMS_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (4, 8)]
 """(columns per tile, warps) of the row-norm kernel, against torch's ``vector_norm`` ("norms torch")."""
 OVERLAP_SETTINGS = [(64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 4), (64, 32, 8, 3), (64, 64, 16, 3)]
@@ -38,7 +42,8 @@ against torch's norm and overlap matmuls at K = ``SAMPLES`` ("norms+overlap torc
 most 128 registers a thread, none spilled (``python -m bench.kernel_compile --candidates``); with 4 warps, or
 128 columns, it took ~250."""
 SAMPLES = 250
-WARPS = (1, 2, 4)
+WARPS = (1, 4)
+"""Warps of the one-program kernels (the solve, the interacting rule): 1 is the default since session 14."""
 
 
 def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
@@ -73,9 +78,9 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     for block, warps, stages, waves in GRAM_SETTINGS:
         out[f"gram block={block} warps={warps} stages={stages} waves={waves}"] = under(
             lambda: kernels.gram(flat), BLOCK=block, GRAM_WARPS=warps, GRAM_STAGES=stages, GRAM_WAVES=waves)
-    for block, warps in OUTER_SETTINGS:
-        out[f"gram outer block={block} warps={warps}"] = under(
-            lambda: kernels.gram(flat), GRAM_IMPL="outer", OUTER_BLOCK=block, OUTER_WARPS=warps)
+    for block, warps, waves in OUTER_SETTINGS:
+        out[f"gram outer block={block} warps={warps} waves={waves}"] = under(
+            lambda: kernels.gram(flat), GRAM_IMPL="outer", OUTER_BLOCK=block, OUTER_WARPS=warps, GRAM_WAVES=waves)
     for block, warps in NORMS_SETTINGS:
         out[f"norms kernel block={block} warps={warps}"] = under(lambda: kernels.row_norms(flat),
                                                                  NORMS_BLOCK=block, NORMS_WARPS=warps)
