@@ -93,12 +93,12 @@ def launches(candidates: bool = False) -> list[Launch]:
     def overlap(rows, cols, warps, stages):
         c = {"SAMPLES": SAMPLES, "ROWS_PER": 8 * rows, "BLOCK_M": rows, "BLOCK_N": cols, "NORM": True,
              "IEEE": False}
-        pointers = {"g_desc": f"tensordesc<bf16[{rows}, {cols}]>", "dk_desc": f"tensordesc<bf16[{SAMPLES}, {rows}]>",
+        pointers = {"g_desc": f"tensordesc<bf16[1, {rows}, {cols}]>", "dk_desc": f"tensordesc<bf16[{SAMPLES}, {rows}]>",
                     "ak_ptr": "*bf16", "num_ptr": "*fp32", "sq_ptr": "*fp32"}
-        scalars = {"K": "i32", "D_OUT": "i32", "D_IN": "i32", "AK_STRIDE": "i32"}
+        scalars = {"K": "i32", "D_IN": "i32", "AK_STRIDE": "i32"}
         return Launch(f"norms+overlap fused rows={rows} cols={cols} warps={warps} stages={stages}",
                       k._norm_overlap_kernel, _sig(pointers, scalars, c), c, {"num_warps": warps, "num_stages": stages},
-                      ("D_OUT", "D_IN", "AK_STRIDE"))
+                      ("D_IN", "AK_STRIDE"))
 
     solve_c = {"ROWS": ROWS}
     ni_c = {"HAS_N": True, "HAS_O": True, "ROWS": ROWS, "KBLOCK": 256}

@@ -106,6 +106,24 @@ def test_fused_norms_and_overlap_match_float64(device, dtype, b, d_out, d_in, k,
                 assert norm is None
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_fused_statistics_of_a_sequence_read_only_its_own_rows(device):
+    """A tile reaching past G_i's last row reads zeros, not G_(i+1)'s first rows: a NaN in one sequence's
+    gradient (a diverging step) leaves the others' norms and overlap numerators exact, as on the torch path."""
+    gen = torch.Generator().manual_seed(7)
+    b, d_out, d_in, k = 3, 40, 16, 5  # 40 rows: one 64-row step, 24 rows past G_i's end
+    g = torch.randn(b, d_out, d_in, generator=gen)
+    g[1, 0] = float("nan")
+    a_k, d_k = torch.randn(k, d_in, generator=gen), torch.randn(k, d_out, generator=gen)
+    norm, num = kernels.norms_and_overlap(g.to(device), a_k.to(device), d_k.to(device), True)
+    exact = torch.einsum("km,bmn,kn->bk", d_k.double(), g.double(), a_k.double())
+    for i in (0, 2):
+        assert float((num[i].cpu().double() - exact[i]).norm() / exact[i].norm()) < 1e-6
+        assert abs(float(norm[i]) / float(g[i].double().norm()) - 1) < 1e-6
+    assert torch.isnan(num[1]).all() and torch.isnan(norm[1])
+
+
 def test_the_fused_statistics_are_used_only_where_chosen_usable_and_aligned(monkeypatch):
     """Only where chosen; on CUDA (or, here, as the tests admit CPU tensors to the interpreter) only for a G
     and a d_k whose rows are whole 16-byte units from a 16-byte boundary, as tensor descriptors need; else

@@ -206,16 +206,16 @@ def _row_squares_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.con
 
 
 @_jit
-def _norm_overlap_kernel(g_desc, dk_desc, ak_ptr, num_ptr, sq_ptr, K, D_OUT, D_IN, AK_STRIDE,
+def _norm_overlap_kernel(g_desc, dk_desc, ak_ptr, num_ptr, sq_ptr, K, D_IN, AK_STRIDE,
                          SAMPLES: tl.constexpr, ROWS_PER: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr):
     # Program (i, c, s): sequence i, columns c·BLOCK_N onwards, rows s·ROWS_PER onwards. Its partial of
     # δ_kᵀ G_i a_k over those rows and columns for every sample k: the samples' δ_k (SAMPLES, BLOCK_M) times
     # each (BLOCK_M, BLOCK_N) tile of G_i, accumulated in float32, then each row's dot with a_k over the
-    # columns; with NORM, its partial of Σ G_i² from the same tiles. g_desc views G as (B·D_OUT, D_IN),
-    # dk_desc δ_k as (K, D_OUT): tensor descriptors, whose loads (TMA on a Hopper GPU) hold no pointer per
-    # element (for sm_90a 128 registers a thread against 158 with pointer tiles) and read zeros past the
-    # shape — past K, past D_IN, and past D_OUT for δ_k, so a tile's rows of the next sequence multiply zeros.
+    # columns; with NORM, its partial of Σ G_i² from the same tiles. g_desc (G, (B, D_OUT, D_IN)) and dk_desc
+    # (δ_k, (K, D_OUT)) are tensor descriptors, whose loads (TMA on a Hopper GPU) hold no pointer per element
+    # (for sm_90a 128 registers a thread against 158 with pointer tiles) and read zeros past the shape: past
+    # K, D_OUT and D_IN, within G_i's own rows.
     i = tl.program_id(0)
     c = tl.program_id(1)
     s = tl.program_id(2)
@@ -224,13 +224,13 @@ def _norm_overlap_kernel(g_desc, dk_desc, ak_ptr, num_ptr, sq_ptr, K, D_OUT, D_I
     for step in range(0, ROWS_PER, BLOCK_M):
         row = s * ROWS_PER + step
         d = dk_desc.load([0, row])
-        tile = g_desc.load([i * D_OUT + row, c * BLOCK_N])
+        tile = g_desc.load([i, row, c * BLOCK_N]).reshape(BLOCK_M, BLOCK_N)
         if IEEE:  # float32 G: full float32 products, not TF32
             acc += tl.dot(d, tile, input_precision="ieee")
         else:
             acc += tl.dot(d, tile)
-        if NORM:  # the squares of this sequence's rows only
-            wide = tl.where((row + tl.arange(0, BLOCK_M) < D_OUT)[:, None], tile.to(tl.float32), 0.0)
+        if NORM:
+            wide = tile.to(tl.float32)
             sq += wide * wide
     samples = tl.arange(0, SAMPLES)
     cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -451,9 +451,9 @@ def norms_and_overlap(g: torch.Tensor, a_k: torch.Tensor, d_k: torch.Tensor,
     split = triton.cdiv(d_out, rows_per)
     num = torch.empty(b, columns * split, samples, dtype=torch.float32, device=g.device)
     sq = torch.empty(b, columns * split, dtype=torch.float32, device=g.device) if need_norm else num
-    g_desc = TensorDescriptor.from_tensor(g.view(b * d_out, d_in), [OVERLAP_BLOCK_M, OVERLAP_BLOCK_N])
+    g_desc = TensorDescriptor.from_tensor(g, [1, OVERLAP_BLOCK_M, OVERLAP_BLOCK_N])
     dk_desc = TensorDescriptor.from_tensor(d_k, [samples, OVERLAP_BLOCK_M])
-    _norm_overlap_kernel[(b, columns, split)](g_desc, dk_desc, a_k, num, sq, k, d_out, d_in, a_k.stride(0),
+    _norm_overlap_kernel[(b, columns, split)](g_desc, dk_desc, a_k, num, sq, k, d_in, a_k.stride(0),
                                               SAMPLES=samples, ROWS_PER=rows_per, BLOCK_M=OVERLAP_BLOCK_M,
                                               BLOCK_N=OVERLAP_BLOCK_N, NORM=need_norm,
                                               IEEE=g.dtype == torch.float32, num_warps=OVERLAP_WARPS,
