@@ -184,7 +184,9 @@ def test_profile_writes_the_busiest_operators_of_one_step_per_mode(tmp_path, cap
     assert "IsopoLinearFunctionBackward" not in text.split("== isopo_ni:paper")[0]
     assert text.count("by input shapes, host time:") == 2
     by_shape = text.split("== isopo_ni:paper")[1].split("by input shapes, host time:")[1]
-    assert "aten::bmm" in by_shape and "[[2, " in by_shape  # ISOPO's per-sequence matmul, B = 2 in front
+    # Which (operator, shapes) pairs are the busiest follows the timing (ISOPO's per-sequence bmm was among
+    # them in most runs, not all); that shapes are listed, with the batch of B = 2 in front, does not.
+    assert "[[2, " in by_shape and "aten::" in by_shape
     assert text.count("GPU idle: no device activity") == 2  # the idle report needs a CUDA timeline
     assert main([*args, "--scaling"]) == 2
     assert "--profile profiles a single measurement" in capsys.readouterr().err
