@@ -56,7 +56,7 @@ class Launch:
 def _steps(waves: int) -> int:
     """Tiles per program of a reduction over G, a compile-time constant: one at 64 waves (a tile per program,
     as ``kernels._steps`` picks it there for every Qwen3-0.6B layer), else four (a loop; its run length at the
-    model's shapes, 4 to 32, changes the code little)."""
+    model's shapes, 4 to 64, changes the code little)."""
     return 1 if waves >= 64 else 4
 
 
