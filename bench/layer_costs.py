@@ -111,12 +111,6 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
         return lambda: layer_update(x, d, pos, adv, {}, None, None, token_seq, cfg=cfg, b=b, t=t,
                                     strategy="instantiate", chunk=None, fp32_gram=fp32_gram)
 
-    def fused(fn):
-        def call():
-            with kernels.settings(OVERLAP_IMPL="fused"):
-                return fn()
-        return call
-
     by_kernel = {}
     if kernels.usable(flat):
         overlap_num = overlap_numerators(g, a_k, d_k)
@@ -130,7 +124,8 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
                                                                               ni_cfg.p - ni_cfg.r, ni_cfg.q + ni_cfg.r),
             "norms_overlap_fused": lambda: kernels.norms_and_overlap(g, a_k, d_k, True),
             "layer_ni_triton": layer(ni_cfg.replace(triton_kernels=True), positions),
-            "layer_ni_fused": fused(layer(ni_cfg.replace(triton_kernels=True), positions)),
+            "layer_ni_fused": kernels.settings(OVERLAP_IMPL="fused")(layer(ni_cfg.replace(triton_kernels=True),
+                                                                                 positions)),
             "layer_int_triton": layer(int_cfg.replace(triton_kernels=True), None),
         }
     return by_kernel | {

@@ -20,12 +20,12 @@ from . import kernels
 from .autograd import direct_apply
 from .graphs import Visit
 from .statistics import (
+    block_stats,
     choose_strategy,
     grad_stats,
     gram_out_dtype_supported,
     layer_stats,
     output_chunk,
-    overlap_numerators,
 )
 from .weights import interacting_weights, needs_norm, non_interacting_weights, unregularised
 
@@ -277,15 +277,7 @@ def tail_update(
     elif fused and a_k is None:
         w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
     elif fused and unregularised(cfg):
-        need_norm = cfg.p != cfg.r
-        if kernels.overlap_fusable(g, a_k, d_k):
-            norm, overlap_num = kernels.norms_and_overlap(g, a_k, d_k, need_norm)
-        else:
-            norm = None
-            if need_norm:
-                norm = (kernels.row_norms(flat) if kernels.NORMS_IMPL == "kernel"
-                        else torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype))
-            overlap_num = overlap_numerators(g, a_k, d_k)
+        norm, overlap_num = block_stats(g, a_k, d_k, stat_dtype, cfg.p != cfg.r, use_kernels=True)
         w = kernels.non_interacting_weights(norm, overlap_num, a_k, d_k, adv, cfg.p - cfg.r, cfg.q + cfg.r)
     else:
         stats = grad_stats(g, a_k, d_k, stat_dtype, fp32_gram, need_norm=needs_norm(cfg),

@@ -96,7 +96,7 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, nee
             part = _ntk(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram, use_kernels)
             ntk = part if ntk is None else ntk + part
             continue
-        part_norm, part_o = _block_stats(g, a_k, d_k[:, lo:hi], stat_dtype, need_norm, use_kernels)
+        part_norm, part_o = block_stats(g, a_k, d_k[:, lo:hi], stat_dtype, need_norm, use_kernels)
         # The blocks' squared norms and overlap numerators add up, in stat_dtype.
         part_o = part_o.to(stat_dtype)
         if need_norm:
@@ -115,7 +115,7 @@ def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | No
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
         return LayerStats(norm=None, overlap_num=None, ntk=_ntk(g.view(g.shape[0], -1), stat_dtype, fp32_gram,
                                                                 use_kernels))
-    norm, overlap_num = _block_stats(g, a_k, d_k, stat_dtype, need_norm, use_kernels)
+    norm, overlap_num = block_stats(g, a_k, d_k, stat_dtype, need_norm, use_kernels)
     return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None)
 
 
@@ -127,14 +127,21 @@ def _ntk(flat: torch.Tensor, stat_dtype: torch.dtype, fp32_gram: bool, use_kerne
     return gram_matrix(flat, stat_dtype, fp32_gram)
 
 
-def _block_stats(g, a_k, d_k, stat_dtype, need_norm, use_kernels=False) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(‖G_i‖ over these rows or None, δ_kᵀ G_i a_k over these rows) of a block g (B, rows, in) of G; d_k
-    (K, rows). The norm is a whole pass over G: skipped when the weights do not read it. use_kernels: both
-    from one read of G by the fused kernel where it is chosen (``kernels.OVERLAP_IMPL``) and usable."""
-    if use_kernels and stat_dtype == torch.float32 and kernels.overlap_fusable(g, a_k, d_k):
+def block_stats(g, a_k, d_k, stat_dtype, need_norm, use_kernels=False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(‖G_i‖ over these rows or None, δ_kᵀ G_i a_k over these rows) of g (B, rows, in), all of G or a block
+    of its rows; d_k (K, rows). The norm is a whole pass over G: skipped when the weights do not read it.
+    use_kernels: where the Triton kernels are chosen (``kernels.OVERLAP_IMPL``, ``kernels.NORMS_IMPL``) and
+    usable, both from one read of G by the fused kernel, or the norms by the row-norm kernel."""
+    kernel_dtype = use_kernels and stat_dtype == torch.float32
+    if kernel_dtype and kernels.overlap_fusable(g, a_k, d_k):
         return kernels.norms_and_overlap(g, a_k, d_k, need_norm)
-    b = g.shape[0]
-    norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=1, dtype=stat_dtype) if need_norm else None
+    norm = None
+    if need_norm:
+        flat = g.reshape(g.shape[0], -1)
+        if kernel_dtype and kernels.NORMS_IMPL == "kernel" and kernels.usable(flat):
+            norm = kernels.row_norms(flat)
+        else:
+            norm = torch.linalg.vector_norm(flat, dim=1, dtype=stat_dtype)
     return norm, overlap_numerators(g, a_k, d_k)
 
 
