@@ -110,8 +110,7 @@ def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | No
                fp32_gram: bool = False, need_norm: bool = True, use_kernels: bool = False) -> LayerStats:
     """The statistics from the per-sequence gradients g (B, out, in) formed in one piece; a_k is None for
     the interacting variant. use_kernels: the NTK by the Triton Gram kernel where ``kernels.usable``
-    (``IsopoConfig.triton_kernels``); the norms torch's, whose reduction reads G twice as fast, unless the
-    fused kernel takes them with the overlap numerators (``kernels.OVERLAP_IMPL``)."""
+    (``IsopoConfig.triton_kernels``); the norms and overlap numerators as ``block_stats`` chooses them."""
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
         return LayerStats(norm=None, overlap_num=None, ntk=_ntk(g.view(g.shape[0], -1), stat_dtype, fp32_gram,
                                                                 use_kernels))
