@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 
 from algorithms.isopo import kernels
 
-from .kernel_configs import GRAM_SETTINGS, NORMS_SETTINGS, OUTER_SETTINGS, OVERLAP_SETTINGS, SUM_SETTINGS
+from .kernel_configs import (
+    GRAM_SETTINGS,
+    NORMS_SETTINGS,
+    OUTER_SETTINGS,
+    OVERLAP_SETTINGS,
+    SUM_SETTINGS,
+    TMA_SETTINGS,
+)
 
 ROWS = 8
 """B of the launches compiled (the benchmark's micro-batch)."""
@@ -86,6 +93,13 @@ def launches(candidates: bool = False) -> list[Launch]:
         return Launch(f"gram outer block={block} warps={warps} waves={waves}", k._gram_outer_kernel, _sig(g_in, b_n, c), c,
                       {"num_warps": warps}, ("N",))
 
+    def tma(sub, warps, stages, waves=k.GRAM_WAVES):
+        rows = max(16, ROWS)
+        c = {"ROWS": rows, "SUB": sub, "BLOCK": k.TMA_BLOCK, "STEPS": _steps(waves), "IEEE": False}
+        pointers = {"g_desc": f"tensordesc<bf16[{rows}, {sub}, {k.TMA_BLOCK}]>", "part_ptr": "*fp32"}
+        return Launch(f"gram tma sub={sub} warps={warps} stages={stages} waves={waves}", k._gram_tma_kernel,
+                      _sig(pointers, {"B": "i32"}, c), c, {"num_warps": warps, "num_stages": stages})
+
     def norms(block, warps):
         c = {"ROWS": ROWS, "BLOCK": block, "STEPS": 4}
         return Launch(f"norms kernel block={block} warps={warps}", k._row_squares_kernel, _sig(g_in, b_n, c), c,
@@ -108,6 +122,7 @@ def launches(candidates: bool = False) -> list[Launch]:
         weighted_sum(k.SUM_BLOCK, k.SUM_WARPS),
         gram(k.BLOCK, k.GRAM_WARPS, k.GRAM_STAGES),
         outer(k.OUTER_BLOCK, k.OUTER_WARPS),
+        tma(k.TMA_SUB, k.TMA_WARPS, k.TMA_STAGES),
         norms(k.NORMS_BLOCK, k.NORMS_WARPS),
         overlap(k.OVERLAP_BLOCK_M, k.OVERLAP_BLOCK_N, k.OVERLAP_WARPS, k.OVERLAP_STAGES),
         Launch("damped_solve", k._damped_solve_kernel,
@@ -128,7 +143,8 @@ def launches(candidates: bool = False) -> list[Launch]:
     ]
     if candidates:
         out += [weighted_sum(*s) for s in SUM_SETTINGS] + [gram(*s) for s in GRAM_SETTINGS]
-        out += [outer(*s) for s in OUTER_SETTINGS] + [norms(*s) for s in NORMS_SETTINGS]
+        out += [outer(*s) for s in OUTER_SETTINGS] + [tma(*s) for s in TMA_SETTINGS]
+        out += [norms(*s) for s in NORMS_SETTINGS]
         out += [overlap(*s) for s in OVERLAP_SETTINGS]
     return list({launch.name: launch for launch in out}.values())  # a candidate that is the default: once
 

@@ -34,6 +34,10 @@ a partial per program to sum). On an H200 (session 14) 8 warps of 256-column til
 OUTER_SETTINGS = [(block, warps, 4) for block in (64, 128, 256) for warps in (4, 8)] + [(128, 4, 64), (256, 8, 64)]
 """(columns per tile, warps, waves) of the outer-product Gram kernel (``GRAM_IMPL = "outer"``); 64 waves: one
 tile per program."""
+TMA_SETTINGS = [(4, 4, 2, 4), (4, 8, 2, 4), (4, 8, 3, 4), (2, 2, 3, 4), (1, 4, 3, 4), (4, 4, 2, 64), (4, 8, 2, 64)]
+"""(rows of 256 columns per tile, warps, stages, waves) of the descriptor Gram kernel (``GRAM_IMPL = "tma"``):
+tiles of 1024, 512 and 256 columns, each loaded by one copy; for sm_90a none spills (``python -m
+bench.kernel_compile --candidates``; 2 rows with 4 or 8 warps, or 4 rows, 4 warps and 3 stages, spilled)."""
 NORMS_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (4, 8)]
 """(columns per tile, warps) of the row-norm kernel, against torch's ``vector_norm`` ("norms torch")."""
 OVERLAP_SETTINGS = [(64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 4), (64, 32, 8, 3), (64, 64, 16, 3)]
@@ -78,6 +82,10 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     for block, warps, waves in OUTER_SETTINGS:
         out[f"gram outer block={block} warps={warps} waves={waves}"] = under(
             lambda: kernels.gram(flat), GRAM_IMPL="outer", OUTER_BLOCK=block, OUTER_WARPS=warps, GRAM_WAVES=waves)
+    for sub, warps, stages, waves in TMA_SETTINGS:
+        out[f"gram tma sub={sub} warps={warps} stages={stages} waves={waves}"] = under(
+            lambda: kernels.gram(flat), GRAM_IMPL="tma", TMA_SUB=sub, TMA_WARPS=warps, TMA_STAGES=stages,
+            GRAM_WAVES=waves)
     for block, warps in NORMS_SETTINGS:
         out[f"norms kernel block={block} warps={warps}"] = under(lambda: kernels.row_norms(flat),
                                                                  NORMS_BLOCK=block, NORMS_WARPS=warps)

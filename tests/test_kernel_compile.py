@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from algorithms.isopo import kernels
 from bench import kernel_compile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,13 +55,15 @@ def test_every_kernel_builds_for_sm90_at_its_launch_settings_without_spilling():
     done = _compile_command()
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split() for line in done.stdout.splitlines()[1:]]
-    assert len(rows) == len(kernel_compile.launches()) == 9
+    assert len(rows) == len(kernel_compile.launches()) == 10
     for row in rows:
         registers, spills, shared = (int(v) for v in row[-3:])
         assert 0 < registers <= 255 and spills == 0, row
         assert shared <= 227 * 1024, row  # an H100's shared memory per block
     fused = next(row for row in rows if row[0] == "norms+overlap")
     assert int(fused[-1]) > 0  # its tiles staged in shared memory (TMA and the tensor cores)
+    tma = next(row for row in rows if row[:2] == ["gram", "tma"])
+    assert int(tma[-1]) >= 16 * kernels.TMA_SUB * kernels.TMA_BLOCK * 2  # a whole bf16 tile copied in
 
 
 def test_a_kernel_that_does_not_build_is_named_and_the_rest_still_reported(tmp_path):

@@ -77,6 +77,36 @@ def test_outer_product_gram_and_row_norms_match_float64(device, dtype, b, n, mon
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("b", "n"), [(1, 64), (5, 3000), (8, 12_288), (16, 1536), (33, 1000), (64, 320)])
+def test_descriptor_gram_matches_float64(device, dtype, b, n, monkeypatch):
+    """The Gram candidate whose tiles are single tensor-descriptor copies (``GRAM_IMPL = "tma"``): zeros past B
+    rows and past the last column from the copy itself, at short and long tiles and runs, and narrower
+    tiles past 16 rows; a G whose columns are not whole rows of ``TMA_BLOCK`` takes the tensor-core kernel."""
+    gen = torch.Generator().manual_seed(b * 1000 + n + 2)
+    g = torch.randn(b, n, generator=gen).to(device, dtype)
+    exact_gram = g.double() @ g.double().t()
+    monkeypatch.setattr(kernels, "GRAM_IMPL", "tma")
+    plain = kernels._gram_kernel
+    monkeypatch.setattr(kernels, "_gram_kernel", None)  # the tensor-core kernel must not be reached
+    for block, sub, waves in ((8, 4, 4), (16, 1, 64), (min(256, n & -n), 2, 64)):  # n & -n: its largest power-of-two factor
+        monkeypatch.setattr(kernels, "TMA_BLOCK", block)
+        monkeypatch.setattr(kernels, "TMA_SUB", sub)
+        monkeypatch.setattr(kernels, "GRAM_WAVES", waves)
+        if n % block:
+            continue
+        parts = kernels.gram_parts(g)
+        assert parts.dtype == torch.float32 and parts.shape[1:] == (b, b)
+        assert float((parts.sum(0).double() - exact_gram).norm() / exact_gram.norm()) < 1e-6
+    monkeypatch.setattr(kernels, "_gram_kernel", plain)
+    monkeypatch.setattr(kernels, "_gram_tma_kernel", None)
+    odd = g[:, : n - 1].contiguous()
+    assert not kernels._gram_tma_ready(odd)
+    exact_odd = odd.double() @ odd.double().t()
+    assert float((kernels.gram(odd).double() - exact_odd).norm() / exact_odd.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("b", "d_out", "d_in", "k"), [(1, 16, 8, 1), (8, 72, 296, 37), (5, 296, 104, 250),
                                                        (3, 136, 64, 256), (33, 40, 24, 9)])
 def test_fused_norms_and_overlap_match_float64(device, dtype, b, d_out, d_in, k, monkeypatch):
@@ -275,12 +305,12 @@ def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("variant", "reads"), [("non_interacting", "default"), ("non_interacting", "candidates"),
                                               ("non_interacting", "fused"), ("interacting", "default"),
-                                              ("interacting", "candidates")])
+                                              ("interacting", "candidates"), ("interacting", "tma")])
 def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, reads, monkeypatch):
     """Two float32 steps (the EMAs change between them) through the engine's eager and graph paths, with the
     kernels and without: the same gradients. On a CPU the kernels are admitted for CPU tensors, interpreted.
-    reads="candidates": the Gram matrix by outer products and the norms by the row-norm kernel; "fused": the
-    norms and overlap numerators by the fused kernel."""
+    reads="candidates": the Gram matrix by outer products and the norms by the row-norm kernel; "tma": the Gram
+    matrix from descriptor copies; "fused": the norms and overlap numerators by the fused kernel."""
     if device == "cpu":
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
     if reads == "candidates":
@@ -288,6 +318,12 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, rea
         monkeypatch.setattr(kernels, "NORMS_IMPL", "kernel")
     if reads == "fused":
         monkeypatch.setattr(kernels, "OVERLAP_IMPL", "fused")
+    tma_reads = []
+    if reads == "tma":
+        monkeypatch.setattr(kernels, "GRAM_IMPL", "tma")
+        monkeypatch.setattr(kernels, "TMA_BLOCK", 16)
+        ready = kernels._gram_tma_ready
+        monkeypatch.setattr(kernels, "_gram_tma_ready", lambda g: tma_reads.append(ready(g)) or tma_reads[-1])
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
                       strategy="instantiate", cuda_graphs=False, triton_kernels=True)
     calls = {"gram_parts": 0, "weighted_sum": 0, "interacting_weights": 0, "non_interacting_weights": 0,
@@ -322,6 +358,7 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, rea
     assert (calls["gram_parts"] > 0) == (variant == "interacting")  # the norms: torch's or the row-norm kernel's
     assert (calls["row_norms"] > 0) == (variant == "non_interacting" and reads == "candidates")
     assert (calls["norms_and_overlap"] > 0) == (reads == "fused")
+    assert any(tma_reads) == (reads == "tma")
     assert (calls["interacting_weights"] > 0) == (variant == "interacting")
     assert (calls["non_interacting_weights"] > 0) == (variant == "non_interacting")
 

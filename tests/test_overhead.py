@@ -455,7 +455,7 @@ def test_a_mode_failing_in_its_warm_up_is_recorded_and_the_others_measured(tmp_p
 
 
 def test_a_kernel_switch_sets_its_kernel_for_the_modes_steps_only(monkeypatch):
-    """+outer / +rownorms: the candidate kernel is the module's setting while that mode steps (where its
+    """+outer / +tma / +rownorms: the candidate kernel is the module's setting while that mode steps (where its
     layers launch or capture their kernels) and the default again after; refused off CUDA, where no kernel
     runs and the mode would time the default."""
     from algorithms.isopo import kernels
@@ -473,8 +473,8 @@ def test_a_kernel_switch_sets_its_kernel_for_the_modes_steps_only(monkeypatch):
     model = tiny_qwen3()
     batch = overhead_batch(2, 16, model.config.vocab_size, "cpu")
     default = (kernels.GRAM_IMPL, kernels.NORMS_IMPL)
-    for name, expected in (("isopo_int+outer", ("outer", default[1])), ("isopo_ni:paper+rownorms", (default[0], "kernel")),
-                           ("isopo_int", default)):
+    for name, expected in (("isopo_int+outer", ("outer", default[1])), ("isopo_int+tma", ("tma", default[1])),
+                           ("isopo_ni:paper+rownorms", (default[0], "kernel")), ("isopo_int", default)):
         mode = Mode(name, model, None, nullcontext, num_samples=4)
         mode.begin()
         try:

@@ -56,12 +56,23 @@ GRAM_IMPL = "dot"
 """How the Gram kernel multiplies: "dot", each (rows, BLOCK) tile by its transpose on the tensor cores (rows
 padded to 16); "outer", the rows' outer product per column on the CUDA cores, summed over columns once at
 the end (``_gram_outer_kernel``: the weighted sum's read pattern, which reads G near memory speed, and
-ROWS² float32 products a column, for B ≤ ``OUTER_MAX_ROWS``). ``python -m bench.kernel_configs`` times both."""
+ROWS² float32 products a column, for B ≤ ``OUTER_MAX_ROWS``); "tma", "dot"'s products with each tile loaded
+by one tensor-descriptor copy (``_gram_tma_kernel``: TMA on a Hopper GPU, no address or mask per element,
+zeros past B filled by the copy engine), where G's columns are whole rows of ``TMA_BLOCK``.
+``python -m bench.kernel_configs`` times all three."""
 OUTER_MAX_ROWS = 16
 OUTER_BLOCK = 128
 OUTER_WARPS = 4
 """The outer-product Gram kernel's columns per tile (for B ≤ 8; narrower past it) and warps: its accumulator
 holds ROWS² × columns float32 values per program, 64 a thread at B = 8 with 128 columns and 4 warps."""
+TMA_BLOCK = 256
+TMA_SUB = 4
+TMA_WARPS = 4
+TMA_STAGES = 2
+"""The descriptor Gram kernel's tiles: G (B, N) viewed as (B, N / TMA_BLOCK, TMA_BLOCK) (a copy's box is at most
+256 elements a side), TMA_SUB of its rows a tile (fewer past 16 sequences, to keep a tile's bytes); its
+warps and pipeline depth. For sm_90a these take 32 registers a thread, none spilled, 32 KiB of shared
+memory a stage (``python -m bench.kernel_compile``)."""
 NORMS_IMPL = "torch"
 """Where the non-interacting norms ‖G_i‖ of the kernel path come from: "torch" (``vector_norm``, ~2.6 TB/s on
 an H200) or "kernel" (``row_norms``). ``python -m bench.kernel_configs`` times both."""
@@ -173,6 +184,22 @@ def _gram_kernel(g_ptr, part_ptr, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     for step in range(STEPS):
         tile = _load_tile(g_ptr, rows, (pid * STEPS + step) * BLOCK + tl.arange(0, BLOCK), B, N)
         if IEEE:  # float32 G: full float32 products, not TF32
+            acc += tl.dot(tile, tl.trans(tile), input_precision="ieee")
+        else:
+            acc += tl.dot(tile, tl.trans(tile))
+    _store_partial(part_ptr, pid, acc, rows, B)
+
+
+@_jit
+def _gram_tma_kernel(g_desc, part_ptr, B, ROWS: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr,
+                     STEPS: tl.constexpr, IEEE: tl.constexpr):
+    # As _gram_kernel, each tile (ROWS, SUB · BLOCK) one descriptor load of G viewed as (B, N / BLOCK, BLOCK).
+    pid = tl.program_id(0)
+    rows = tl.arange(0, ROWS)
+    acc = tl.zeros((ROWS, ROWS), dtype=tl.float32)
+    for step in range(STEPS):
+        tile = g_desc.load([0, (pid * STEPS + step) * SUB, 0]).reshape(ROWS, SUB * BLOCK)
+        if IEEE:
             acc += tl.dot(tile, tl.trans(tile), input_precision="ieee")
         else:
             acc += tl.dot(tile, tl.trans(tile))
@@ -399,12 +426,29 @@ def gram_parts(g: torch.Tensor) -> torch.Tensor:
         parts = torch.empty(programs, b, b, dtype=torch.float32, device=g.device)
         _gram_outer_kernel[(programs,)](g, parts, b, n, ROWS=rows, BLOCK=block, STEPS=steps, num_warps=OUTER_WARPS)
         return parts
+    if GRAM_IMPL == "tma" and _gram_tma_ready(g):
+        rows = _rows_padded(b)
+        sub = max(1, TMA_SUB * 16 // rows)  # a tile's bytes as at 16 rows
+        steps = _steps(n, g.device, sub * TMA_BLOCK)
+        programs = triton.cdiv(n, sub * TMA_BLOCK * steps)
+        parts = torch.empty(programs, b, b, dtype=torch.float32, device=g.device)
+        desc = TensorDescriptor.from_tensor(g.view(b, n // TMA_BLOCK, TMA_BLOCK), [rows, sub, TMA_BLOCK])
+        _gram_tma_kernel[(programs,)](desc, parts, b, ROWS=rows, SUB=sub, BLOCK=TMA_BLOCK, STEPS=steps,
+                                      IEEE=g.dtype == torch.float32, num_warps=TMA_WARPS, num_stages=TMA_STAGES)
+        return parts
     steps = _steps(n, g.device)
     programs = triton.cdiv(n, BLOCK * steps)
     parts = torch.empty(programs, b, b, dtype=torch.float32, device=g.device)
     _gram_kernel[(programs,)](g, parts, b, n, ROWS=_rows_padded(b), BLOCK=BLOCK, STEPS=steps,
                               IEEE=g.dtype == torch.float32, num_warps=GRAM_WARPS, num_stages=GRAM_STAGES)
     return parts
+
+
+def _gram_tma_ready(g: torch.Tensor) -> bool:
+    """Whether g (B, N) can be read through the descriptor Gram kernel: tensor descriptors available, N whole
+    rows of ``TMA_BLOCK`` and the view's rows on 16-byte boundaries."""
+    return (TensorDescriptor is not None and g.shape[1] % TMA_BLOCK == 0 and TMA_BLOCK * g.element_size() % 16 == 0
+            and _descriptor_ready(g))
 
 
 def row_norms(g: torch.Tensor) -> torch.Tensor:
