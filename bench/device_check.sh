@@ -21,7 +21,7 @@
 #      eagerly and from CUDA-graph replays (layer-costs.txt), stopped after LAYER_COSTS_TIMEOUT s (120);
 #      then (CUDA only) the Triton kernels' launch settings against the torch operations they replace
 #      (`python -m bench.kernel_configs`, appended to layer-costs.txt row by row), stopped after
-#      KERNEL_CONFIGS_TIMEOUT s (150),
+#      KERNEL_CONFIGS_TIMEOUT s (180; its rows end with the formation-with-Gram candidates),
 #      and the LM head's matmuls of both statistics routes, with and without aligned outputs
 #      (`python -m bench.matmul_probe`, appended too), stopped after 60 s;
 #   6. the host-cost micro-benchmark on this host's CPU (bench/test_bench_isopo_host.py, ~15 s, appended to
@@ -91,7 +91,7 @@ fi
 timeout "$(cap "${LAYER_COSTS_TIMEOUT:-120}")" "$py" -m bench layer-costs --device "$device" --model "$model" 2>&1 \
     | tee "$out/layer-costs.txt" || status=1
 if [ "$device" = cuda ]; then
-    timeout "$(cap "${KERNEL_CONFIGS_TIMEOUT:-150}")" "$py" -m bench.kernel_configs --model "$model" --repeats 20 2>&1 \
+    timeout "$(cap "${KERNEL_CONFIGS_TIMEOUT:-180}")" "$py" -m bench.kernel_configs --model "$model" --repeats 20 2>&1 \
         | tee -a "$out/layer-costs.txt" || status=1
     timeout "$(cap 60)" "$py" -m bench.matmul_probe 2>&1 | tee -a "$out/layer-costs.txt" || status=1
 fi

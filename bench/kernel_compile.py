@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from algorithms.isopo import kernels
 
 from .kernel_configs import (
+    FORM_SETTINGS,
     GRAM_SETTINGS,
     NORMS_SETTINGS,
     OUTER_SETTINGS,
@@ -100,6 +101,16 @@ def launches(candidates: bool = False) -> list[Launch]:
         return Launch(f"gram tma sub={sub} warps={warps} stages={stages} waves={waves}", k._gram_tma_kernel,
                       _sig(pointers, {"B": "i32"}, c), c, {"num_warps": warps, "num_stages": stages})
 
+    def form(rows, cols, step, warps, stages):
+        c = {"ROWS": max(16, ROWS), "BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step, "GRAM_ROWS": k.FORM_GRAM_ROWS,
+             "IEEE": False}
+        pointers = {"d_desc": f"tensordesc<bf16[1, {step}, {rows}]>", "a_desc": f"tensordesc<bf16[1, {step}, {cols}]>",
+                    "g_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
+        scalars = {"B": "i32", "T": "i32", "D_OUT": "i32", "D_IN": "i32"}
+        return Launch(f"form+gram fused rows={rows} cols={cols} step={step} warps={warps} stages={stages}",
+                      k._form_gram_kernel, _sig(pointers, scalars, c), c, {"num_warps": warps, "num_stages": stages},
+                      ("T", "D_OUT", "D_IN"))
+
     def norms(block, warps):
         c = {"ROWS": ROWS, "BLOCK": block, "STEPS": 4}
         return Launch(f"norms kernel block={block} warps={warps}", k._row_squares_kernel, _sig(g_in, b_n, c), c,
@@ -123,6 +134,7 @@ def launches(candidates: bool = False) -> list[Launch]:
         gram(k.BLOCK, k.GRAM_WARPS, k.GRAM_STAGES),
         outer(k.OUTER_BLOCK, k.OUTER_WARPS),
         tma(k.TMA_SUB, k.TMA_WARPS, k.TMA_STAGES),
+        form(k.FORM_BLOCK_M, k.FORM_BLOCK_N, k.FORM_BLOCK_K, k.FORM_WARPS, k.FORM_STAGES),
         norms(k.NORMS_BLOCK, k.NORMS_WARPS),
         overlap(k.OVERLAP_BLOCK_M, k.OVERLAP_BLOCK_N, k.OVERLAP_WARPS, k.OVERLAP_STAGES),
         Launch("damped_solve", k._damped_solve_kernel,
@@ -144,7 +156,7 @@ def launches(candidates: bool = False) -> list[Launch]:
     if candidates:
         out += [weighted_sum(*s) for s in SUM_SETTINGS] + [gram(*s) for s in GRAM_SETTINGS]
         out += [outer(*s) for s in OUTER_SETTINGS] + [tma(*s) for s in TMA_SETTINGS]
-        out += [norms(*s) for s in NORMS_SETTINGS]
+        out += [form(*s) for s in FORM_SETTINGS] + [norms(*s) for s in NORMS_SETTINGS]
         out += [overlap(*s) for s in OVERLAP_SETTINGS]
     return list({launch.name: launch for launch in out}.values())  # a candidate that is the default: once
 

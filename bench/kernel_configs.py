@@ -34,10 +34,16 @@ a partial per program to sum). On an H200 (session 14) 8 warps of 256-column til
 OUTER_SETTINGS = [(block, warps, 4) for block in (64, 128, 256) for warps in (4, 8)] + [(128, 4, 64), (256, 8, 64)]
 """(columns per tile, warps, waves) of the outer-product Gram kernel (``GRAM_IMPL = "outer"``); 64 waves: one
 tile per program."""
-TMA_SETTINGS = [(4, 4, 2, 4), (4, 8, 2, 4), (4, 8, 3, 4), (2, 2, 3, 4), (1, 4, 3, 4), (4, 4, 2, 64), (4, 8, 2, 64)]
+TMA_SETTINGS = [(4, 4, 2, 4), (4, 8, 3, 4), (1, 4, 3, 4), (4, 4, 2, 64), (4, 8, 2, 64)]
 """(rows of 256 columns per tile, warps, stages, waves) of the descriptor Gram kernel (``GRAM_IMPL = "tma"``):
 tiles of 1024, 512 and 256 columns, each loaded by one copy; for sm_90a none spills (``python -m
 bench.kernel_compile --candidates``; 2 rows with 4 or 8 warps, or 4 rows, 4 warps and 3 stages, spilled)."""
+FORM_SETTINGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)]
+"""(rows, columns, step along T, warps, stages) of the formation-with-Gram kernel (``form_and_gram_parts``),
+against "form+gram bmm+gram" (torch's batched matmul, then the Gram kernel), timed last: for sm_90a TMA,
+``wgmma`` and 90–154 registers a thread, none spilled."""
+SEQ_LEN = 1024
+"""T of the formation rows' inputs (the benchmark's sequence length)."""
 NORMS_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (4, 8)]
 """(columns per tile, warps) of the row-norm kernel, against torch's ``vector_norm`` ("norms torch")."""
 OVERLAP_SETTINGS = [(64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 4), (64, 32, 8, 3), (64, 64, 16, 3)]
@@ -50,10 +56,11 @@ WARPS = (1, 4)
 """Warps of the one-program kernels (the solve, the interacting rule): 1 is the default since session 14."""
 
 
-def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
-               dtype: torch.dtype = torch.bfloat16) -> dict[str, Callable[[], object]]:
+def candidates(b: int, d_in: int, d_out: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+               seq_len: int = SEQ_LEN) -> dict[str, Callable[[], object]]:
     """One closure per (operation, setting) over random per-sequence gradients of this shape (bf16, as under
-    the benchmark's autocast; the tests run them in Triton's interpreter on CPU tensors)."""
+    the benchmark's autocast; the tests run them in Triton's interpreter on CPU tensors), and for the
+    formation rows over random inputs and output gradients of seq_len tokens a sequence."""
     gen = torch.Generator(device="cpu").manual_seed(d_in * 7919 + d_out)
     flat = torch.randn(b, d_in * d_out, generator=gen).to(device, dtype)
     w = torch.randn(b, generator=gen).to(device)
@@ -62,6 +69,8 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     g = flat.view(b, d_out, d_in)
     a_k = torch.randn(SAMPLES, d_in, generator=gen).to(device, dtype)
     d_k = torch.randn(SAMPLES, d_out, generator=gen).to(device, dtype)
+    a3 = torch.randn(b, seq_len, d_in, generator=gen).to(device, dtype)
+    d3 = torch.randn(b, seq_len, d_out, generator=gen).to(device, dtype)
 
     def under(fn, **values):  # fn, each call run with these kernel settings
         return kernels.settings(**values)(fn)
@@ -98,7 +107,23 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda",
     for warps in WARPS:
         out[f"interacting_weights warps={warps}"] = under(lambda: kernels.interacting_weights(flat, w, None, 1.0),
                                                           WEIGHTS_WARPS=warps)
+    out["form bmm"] = lambda: torch.bmm(d3.transpose(1, 2), a3)  # G alone: what the fused kernel's matmul is up against
+    out["form+gram bmm+gram"] = lambda: _formed_then_gram(a3, d3)
+    for bm, bn, bk, warps, stages in FORM_SETTINGS:
+        out[f"form+gram fused rows={bm} cols={bn} step={bk} warps={warps} stages={stages}"] = under(
+            lambda: _parts_summed(*kernels.form_and_gram_parts(a3, d3)), FORM_BLOCK_M=bm, FORM_BLOCK_N=bn,
+            FORM_BLOCK_K=bk, FORM_WARPS=warps, FORM_STAGES=stages)
     return out
+
+
+def _formed_then_gram(a3: torch.Tensor, d3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's way to G and its Gram matrix: torch's batched matmul, then the Gram kernel."""
+    g = torch.bmm(d3.transpose(1, 2), a3)
+    return g, kernels.gram(g.view(g.shape[0], -1))
+
+
+def _parts_summed(g: torch.Tensor, parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return g, parts.sum(0)
 
 
 def measure(model: str, batch: int, repeats: int,

@@ -61,12 +61,12 @@ def test_every_candidate_runs_and_the_kernels_agree_with_their_torch_operation()
     """Each closure the GPU table times, in float32 (without a GPU on CPU tensors, in Triton's interpreter):
     every setting compiles and runs, and each kernel's result matches the torch operation it stands in for."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    found = kernel_configs.candidates(8, 32, 40, device=device, dtype=torch.float32)
+    found = kernel_configs.candidates(8, 32, 40, device=device, dtype=torch.float32, seq_len=24)
     assert kernels._gram_tma_ready(torch.empty(8, 32 * 40, device=device))  # "gram tma" reads by descriptors
     results = {name: fn() for name, fn in found.items()}
-    assert len(found) == 4 + len(kernel_configs.SUM_SETTINGS) + len(kernel_configs.GRAM_SETTINGS) \
+    assert len(found) == 6 + len(kernel_configs.SUM_SETTINGS) + len(kernel_configs.GRAM_SETTINGS) \
         + len(kernel_configs.OUTER_SETTINGS) + len(kernel_configs.TMA_SETTINGS) + len(kernel_configs.NORMS_SETTINGS) \
-        + len(kernel_configs.OVERLAP_SETTINGS) + 2 * len(kernel_configs.WARPS)
+        + len(kernel_configs.OVERLAP_SETTINGS) + len(kernel_configs.FORM_SETTINGS) + 2 * len(kernel_configs.WARPS)
     for name, got in results.items():
         if name.startswith("weighted_sum block"):
             torch.testing.assert_close(got, results["weighted_sum torch"], rtol=1e-5, atol=1e-5)
@@ -74,6 +74,9 @@ def test_every_candidate_runs_and_the_kernels_agree_with_their_torch_operation()
             torch.testing.assert_close(got, results["ntk torch"], rtol=1e-5, atol=1e-4)
         elif name.startswith("norms kernel"):
             torch.testing.assert_close(got, results["norms torch"], rtol=1e-5, atol=1e-5)
+        elif name.startswith("form+gram fused"):
+            for part, expected in zip(got, results["form+gram bmm+gram"], strict=True):
+                torch.testing.assert_close(part, expected, rtol=1e-5, atol=1e-4)
         elif name.startswith("norms+overlap fused"):
             for part, expected in zip(got, results["norms+overlap torch"], strict=True):
                 torch.testing.assert_close(part, expected, rtol=1e-5, atol=1e-4)

@@ -107,6 +107,37 @@ def test_descriptor_gram_matches_float64(device, dtype, b, n, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("b", "t", "d_in", "d_out"), [(1, 16, 8, 16), (8, 50, 40, 72), (5, 37, 64, 24), (33, 9, 16, 8)])
+def test_formation_with_gram_matches_float64(device, dtype, b, t, d_in, d_out, monkeypatch):
+    """The candidate that forms G and its Gram matrix in one kernel (``form_and_gram_parts``): G as the batched
+    matmul forms it, at shapes that are not multiples of the tiles, and partials summing to the Gram matrix of
+    G as stored, each tile's share taken by whichever of its programs arrives last — the same numbers on
+    every call."""
+    monkeypatch.setattr(kernels, "FORM_BLOCK_M", 16)
+    monkeypatch.setattr(kernels, "FORM_BLOCK_N", 32)
+    monkeypatch.setattr(kernels, "FORM_BLOCK_K", 16)
+    gen = torch.Generator().manual_seed(b * 1000 + t)
+    a3 = torch.randn(b, t, d_in, generator=gen).to(device, dtype)
+    d3 = torch.randn(b, t, d_out, generator=gen).to(device, dtype)
+    exact = torch.bmm(d3.double().transpose(1, 2), a3.double())
+    for gram_rows in (2, 16):
+        monkeypatch.setattr(kernels, "FORM_GRAM_ROWS", gram_rows)
+        g, parts = kernels.form_and_gram_parts(a3, d3)
+        assert g.dtype == dtype and g.shape == (b, d_out, d_in)
+        assert float((g.double() - exact).norm() / exact.norm()) < _tolerance(dtype)
+        flat = g.double().reshape(b, -1)
+        tiles = -(-d_out // 16) * -(-d_in // 32)
+        assert parts.dtype == torch.float32 and parts.shape == (tiles, b, b)
+        assert float((parts.sum(0).double() - flat @ flat.t()).norm() / (flat @ flat.t()).norm()) < 1e-6
+        again = kernels.form_and_gram_parts(a3, d3)[1]
+        assert torch.equal(again, parts)
+    assert kernels.formable(a3, d3) == (device == "cuda")
+    if device == "cuda":
+        assert not kernels.formable(a3.transpose(1, 2).contiguous().transpose(1, 2), d3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("b", "d_out", "d_in", "k"), [(1, 16, 8, 1), (8, 72, 296, 37), (5, 296, 104, 250),
                                                        (3, 136, 64, 256), (33, 40, 24, 9)])
 def test_fused_norms_and_overlap_match_float64(device, dtype, b, d_out, d_in, k, monkeypatch):

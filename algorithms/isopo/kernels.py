@@ -73,6 +73,15 @@ TMA_STAGES = 2
 256 elements a side), TMA_SUB of its rows a tile (fewer past 16 sequences, to keep a tile's bytes); its
 warps and pipeline depth. For sm_90a these take 32 registers a thread, none spilled, 32 KiB of shared
 memory a stage (``python -m bench.kernel_compile``)."""
+FORM_BLOCK_M = 128
+FORM_BLOCK_N = 128
+FORM_BLOCK_K = 64
+FORM_GRAM_ROWS = 2
+FORM_WARPS = 8
+FORM_STAGES = 3
+"""The formation-with-Gram kernel's tiles of G (rows, columns), its step along T, the rows of a tile its Gram
+share reads at a time, warps and pipeline depth (``form_and_gram_parts``; for sm_90a 90 registers, none
+spilled, 96 KiB of shared memory: ``python -m bench.kernel_compile``)."""
 NORMS_IMPL = "torch"
 """Where the non-interacting norms ‖G_i‖ of the kernel path come from: "torch" (``vector_norm``, ~2.6 TB/s on
 an H200) or "kernel" (``row_norms``). ``python -m bench.kernel_configs`` times both."""
@@ -204,6 +213,51 @@ def _gram_tma_kernel(g_desc, part_ptr, B, ROWS: tl.constexpr, SUB: tl.constexpr,
         else:
             acc += tl.dot(tile, tl.trans(tile))
     _store_partial(part_ptr, pid, acc, rows, B)
+
+
+@_jit
+def _form_gram_kernel(d_desc, a_desc, g_ptr, part_ptr, count_ptr, B, T, D_OUT, D_IN, ROWS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GRAM_ROWS: tl.constexpr,
+                      IEEE: tl.constexpr):
+    # Program (tile, i), tile-major so a tile's B programs run together: G_i's tile δ_iᵀ a_i over T (tensor
+    # descriptors: zeros past T, D_OUT, D_IN), stored in G's dtype. The tile's last program to arrive (a counter
+    # per tile, acquire-release at GPU scope) reads the B stored tiles back while they are in L2 (.cg: not
+    # through L1) and stores their share of G Gᵀ as partial `tile`.
+    pid = tl.program_id(0)
+    i = pid % B
+    tile = pid // B
+    tiles_n = tl.cdiv(D_IN, BLOCK_N)
+    m0 = (tile // tiles_n) * BLOCK_M
+    n0 = (tile % tiles_n) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, T, BLOCK_K):
+        d = d_desc.load([i, t, m0]).reshape(BLOCK_K, BLOCK_M)
+        a = a_desc.load([i, t, n0]).reshape(BLOCK_K, BLOCK_N)
+        if IEEE:
+            acc += tl.dot(tl.trans(d), a, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(d), a)
+    m = m0 + tl.arange(0, BLOCK_M)
+    n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(g_ptr + i * D_OUT * D_IN + m[:, None] * D_IN + n[None, :], acc.to(g_ptr.dtype.element_ty),
+             mask=(m[:, None] < D_OUT) & (n[None, :] < D_IN))
+    tl.debug_barrier()  # every thread's stores before the one release below
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == B - 1:
+        rows = tl.arange(0, ROWS)
+        cols = tl.arange(0, GRAM_ROWS * BLOCK_N)
+        gram = tl.zeros((ROWS, ROWS), dtype=tl.float32)
+        for r in range(0, BLOCK_M, GRAM_ROWS):
+            mm = m0 + r + cols // BLOCK_N
+            nn = n0 + cols % BLOCK_N
+            x = tl.load(g_ptr + rows[:, None] * D_OUT * D_IN + (mm * D_IN + nn)[None, :],
+                        mask=(rows[:, None] < B) & ((mm < D_OUT) & (nn < D_IN))[None, :], other=0.0,
+                        cache_modifier=".cg")
+            if IEEE:
+                gram += tl.dot(x, tl.trans(x), input_precision="ieee")
+            else:
+                gram += tl.dot(x, tl.trans(x))
+        _store_partial(part_ptr, tile, gram, rows, B)
 
 
 @_jit
@@ -449,6 +503,37 @@ def _gram_tma_ready(g: torch.Tensor) -> bool:
     rows of ``TMA_BLOCK`` and the view's rows on 16-byte boundaries."""
     return (TensorDescriptor is not None and g.shape[1] % TMA_BLOCK == 0 and TMA_BLOCK * g.element_size() % 16 == 0
             and _descriptor_ready(g))
+
+
+def formable(a3: torch.Tensor, d3: torch.Tensor) -> bool:
+    """Whether ``form_and_gram_parts`` takes these sequences' inputs a3 (B, T, in) and output gradients d3
+    (B, T, out): contiguous CUDA tensors of one float type, B ≤ 64, G under 2³¹ elements, rows on 16-byte
+    boundaries (tensor descriptors)."""
+    return (TensorDescriptor is not None and a3.is_cuda and a3.dim() == d3.dim() == 3 and a3.dtype == d3.dtype
+            and a3.dtype in _DTYPES and a3.shape[:2] == d3.shape[:2] and a3.shape[0] <= MAX_ROWS
+            and a3.is_contiguous() and d3.is_contiguous() and a3.shape[0] * a3.shape[2] * d3.shape[2] < 2**31
+            and _descriptor_ready(a3) and _descriptor_ready(d3))
+
+
+def form_and_gram_parts(a3: torch.Tensor, d3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, partials of G Gᵀ) in one kernel: G (B, out, in) = δ_iᵀ a_i per sequence in a3's dtype (what
+    ``torch.bmm(d3.transpose(1, 2), a3)`` gives, accumulated in float32), and one float32 (B, B) partial per
+    tile of G, summing to G Gᵀ of G as stored. The Gram kernel's separate read of G from memory becomes a read
+    of each tile from L2 right after it is written. A candidate (``formable`` inputs), timed by ``python -m
+    bench.kernel_configs`` against torch's batched matmul and the Gram kernel; the engine does not use it."""
+    b, t, d_in = a3.shape
+    d_out = d3.shape[2]
+    g = torch.empty(b, d_out, d_in, dtype=a3.dtype, device=a3.device)
+    tiles = triton.cdiv(d_out, FORM_BLOCK_M) * triton.cdiv(d_in, FORM_BLOCK_N)
+    parts = torch.empty(tiles, b, b, dtype=torch.float32, device=a3.device)
+    arrivals = torch.zeros(tiles, dtype=torch.int32, device=a3.device)  # each tile's programs done so far
+    d_desc = TensorDescriptor.from_tensor(d3, [1, FORM_BLOCK_K, FORM_BLOCK_M])
+    a_desc = TensorDescriptor.from_tensor(a3, [1, FORM_BLOCK_K, FORM_BLOCK_N])
+    _form_gram_kernel[(tiles * b,)](d_desc, a_desc, g, parts, arrivals, b, t, d_out, d_in, ROWS=_rows_padded(b),
+                                    BLOCK_M=FORM_BLOCK_M, BLOCK_N=FORM_BLOCK_N, BLOCK_K=FORM_BLOCK_K,
+                                    GRAM_ROWS=FORM_GRAM_ROWS, IEEE=a3.dtype == torch.float32,
+                                    num_warps=FORM_WARPS, num_stages=FORM_STAGES)
+    return g, parts
 
 
 def row_norms(g: torch.Tensor) -> torch.Tensor:
