@@ -145,7 +145,7 @@ def _add_overhead_parser(sub) -> argparse.ArgumentParser:
                    help="comma-separated subset of reinforce, isopo_ni:paper, isopo_ni:overlap, "
                    "isopo_ni:rel_overlap, isopo_int, isopo_ni_hooks, isopo_int_hooks (default: all; with "
                    "--scaling: reinforce,isopo_ni:paper,isopo_int); reinforce is always added. An ISOPO mode may "
-                   "end in +eager, +graphs, +triton, +cublas, +instantiate or +gram, and on CUDA +outer, +tma, +rownorms or "
+                   "end in +eager, +graphs, +triton, +cublas, +instantiate or +gram, and on CUDA +outer, +tma, +formgram, +rownorms or "
                    "+fused (candidate kernels), to run that side of a switch interleaved with the others, e.g. "
                    "isopo_int,isopo_int+triton")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

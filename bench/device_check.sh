@@ -9,8 +9,9 @@
 #      and on CUDA isopo_ni:paper and isopo_int +cublas too (the torch path: cuBLAS, cuSOLVER);
 #   3. reinforce / isopo_ni:paper / isopo_int with the LM head on the response columns (the trainer's step),
 #      interleaved in one process with the same two ISOPO modes +eager (every layer eager) and +cublas (the
-#      torch path), isopo_int+outer, isopo_int+tma, isopo_ni:paper+rownorms and isopo_ni:paper+fused (the
-#      candidate kernels for the Gram matrix, the norms, and the norms with the overlap numerators), then one
+#      torch path), isopo_int+outer, isopo_int+tma, isopo_int+formgram, isopo_ni:paper+rownorms and
+#      isopo_ni:paper+fused (the candidate kernels for the Gram matrix, G with its Gram matrix, the norms, and
+#      the norms with the overlap numerators), then one
 #      profiled step per mode (profile.txt: where the host's and the device's time
 #      goes, the GPU's idle time by phase, by the launch it waited for and by ISOPO host region, and each
 #      mode's device time against REINFORCE's, kernel by kernel); on CUDA the same three modes again with the
@@ -71,7 +72,7 @@ three=reinforce,isopo_ni:paper,isopo_int
 switched=$three
 every=reinforce,isopo_ni:paper,isopo_ni:overlap,isopo_ni:rel_overlap,isopo_int,isopo_ni_hooks,isopo_int_hooks
 if [ "$device" = cuda ]; then
-    switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+cublas,isopo_int+cublas,isopo_int+outer,isopo_int+tma,isopo_ni:paper+rownorms,isopo_ni:paper+fused
+    switched=$three,isopo_ni:paper+eager,isopo_int+eager,isopo_ni:paper+cublas,isopo_int+cublas,isopo_int+outer,isopo_int+tma,isopo_int+formgram,isopo_ni:paper+rownorms,isopo_ni:paper+fused
     every=$every,isopo_ni:paper+cublas,isopo_int+cublas
 fi
 overhead() { "$py" -m bench overhead --device "$device" --model "$model" "$@" 2>&1 | tee -a "$out/overhead.log"; }

@@ -39,13 +39,14 @@ PIECES = ("weight_grad", "per_seq_grads", "norms", "overlap", "ntk", "weighted_s
 whole layers as configured by default (the Triton kernels where usable)."""
 KERNEL_PIECES = ("gram_kernel", "weighted_sum_kernel", "damped_solve_kernel", "interacting_kernel",
                  "non_interacting_kernel", "norms_overlap_fused", "layer_ni_triton", "layer_ni_fused",
-                 "layer_int_triton")
+                 "layer_int_triton", "layer_int_formgram")
 """Where ISOPO's Triton kernels are usable (CUDA): the kernels' versions of ntk, weighted_sum and the B × B
 solve, the interacting rule from G (the Gram kernel, the partials' sum, then tr K, λ and the solve in one
 program: ntk and interacting_solve together), the paper setting's weights from the norms and the overlap
 numerators (the rest of the rule), the norms and overlap numerators from one read of G (the fused kernel,
 ``kernels.OVERLAP_IMPL = "fused"``), and the whole layers with them (``IsopoConfig.triton_kernels=True``;
-layer_ni_fused with the fused kernel), side by side."""
+layer_ni_fused with the fused kernel; layer_int_formgram with G and its NTK from one kernel,
+``kernels.FORM_IMPL = "fused"``), side by side."""
 GRAPH_CALLS = 10
 """Calls of a piece captured into one graph for the ``graph`` timing."""
 GB = 1e9
@@ -127,6 +128,8 @@ def layer_pieces(d_in: int, d_out: int, opts: Options, dtype: torch.dtype) -> di
             "layer_ni_fused": kernels.settings(OVERLAP_IMPL="fused")(layer(ni_cfg.replace(triton_kernels=True),
                                                                                  positions)),
             "layer_int_triton": layer(int_cfg.replace(triton_kernels=True), None),
+            "layer_int_formgram": kernels.settings(FORM_IMPL="fused")(layer(int_cfg.replace(triton_kernels=True),
+                                                                              None)),
         }
     return by_kernel | {
         "weight_grad": lambda: d.t() @ x,

@@ -87,11 +87,11 @@ ENGINE_SWITCHES = {"eager": ("cuda_graphs", False), "graphs": ("cuda_graphs", Tr
 """An ISOPO mode's name may end in +eager, +graphs, +triton, +cublas, +instantiate or +gram (several allowed):
 that mode's engine departs from the run's --cuda-graphs / --triton-kernels / --strategy, so both sides of a
 switch run interleaved in one process, e.g. ``--modes isopo_int,isopo_int+triton``."""
-KERNEL_SWITCHES = {"outer": ("GRAM_IMPL", "outer"), "tma": ("GRAM_IMPL", "tma"), "rownorms": ("NORMS_IMPL", "kernel"),
-                   "fused": ("OVERLAP_IMPL", "fused")}
-"""+outer / +tma / +rownorms / +fused (CUDA): the mode runs with a candidate Triton kernel
-(``algorithms.isopo.kernels``'s ``GRAM_IMPL`` / ``NORMS_IMPL`` / ``OVERLAP_IMPL``) set for its steps, beside the
-default kernels in the same process."""
+KERNEL_SWITCHES = {"outer": ("GRAM_IMPL", "outer"), "tma": ("GRAM_IMPL", "tma"), "formgram": ("FORM_IMPL", "fused"),
+                   "rownorms": ("NORMS_IMPL", "kernel"), "fused": ("OVERLAP_IMPL", "fused")}
+"""+outer / +tma / +formgram / +rownorms / +fused (CUDA): the mode runs with a candidate Triton kernel
+(``algorithms.isopo.kernels``'s ``GRAM_IMPL`` / ``FORM_IMPL`` / ``NORMS_IMPL`` / ``OVERLAP_IMPL``) set for its
+steps, beside the default kernels in the same process."""
 SCALING_T = (256, 512, 1024, 2048, 4096)
 SCALING_B = (4, 8, 16, 32)
 MODELS = ("tiny", "small", "qwen3-0.6b", "deep-narrow")

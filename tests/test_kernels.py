@@ -336,12 +336,14 @@ def test_usable_only_for_contiguous_cuda_float_tensors_of_at_most_64_rows():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("variant", "reads"), [("non_interacting", "default"), ("non_interacting", "candidates"),
                                               ("non_interacting", "fused"), ("interacting", "default"),
-                                              ("interacting", "candidates"), ("interacting", "tma")])
+                                              ("interacting", "candidates"), ("interacting", "tma"),
+                                              ("interacting", "formgram")])
 def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, reads, monkeypatch):
     """Two float32 steps (the EMAs change between them) through the engine's eager and graph paths, with the
     kernels and without: the same gradients. On a CPU the kernels are admitted for CPU tensors, interpreted.
     reads="candidates": the Gram matrix by outer products and the norms by the row-norm kernel; "tma": the Gram
-    matrix from descriptor copies; "fused": the norms and overlap numerators by the fused kernel."""
+    matrix from descriptor copies; "formgram": G and the Gram matrix's partials from one kernel (in the graph
+    path through the static buffers); "fused": the norms and overlap numerators by the fused kernel."""
     if device == "cpu":
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
     if reads == "candidates":
@@ -355,10 +357,17 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, rea
         monkeypatch.setattr(kernels, "TMA_BLOCK", 16)
         ready = kernels._gram_tma_ready
         monkeypatch.setattr(kernels, "_gram_tma_ready", lambda g: tma_reads.append(ready(g)) or tma_reads[-1])
+    if reads == "formgram":
+        monkeypatch.setattr(kernels, "FORM_IMPL", "fused")
+        for name, value in (("FORM_BLOCK_M", 32), ("FORM_BLOCK_N", 32), ("FORM_BLOCK_K", 32)):
+            monkeypatch.setattr(kernels, name, value)  # two tiles for the MLP's layers
+        if device == "cpu":
+            monkeypatch.setattr(kernels, "formable", lambda a3, d3: a3.is_contiguous() and d3.is_contiguous()
+                                and kernels._descriptor_ready(a3) and kernels._descriptor_ready(d3))
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
                       strategy="instantiate", cuda_graphs=False, triton_kernels=True)
     calls = {"gram_parts": 0, "weighted_sum": 0, "interacting_weights": 0, "non_interacting_weights": 0,
-             "row_norms": 0, "norms_and_overlap": 0}
+             "row_norms": 0, "norms_and_overlap": 0, "form_and_gram_parts": 0}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -386,7 +395,10 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, rea
                 assert err < 1e-5, f"{name}: {err:.2e}"
     assert not graphed.graphs.failed  # else the graph path fell back to the eager one, untested
     assert calls["weighted_sum"] > 0
-    assert (calls["gram_parts"] > 0) == (variant == "interacting")  # the norms: torch's or the row-norm kernel's
+    # The norms: torch's or the row-norm kernel's. The NTK: the Gram kernel's, or with "formgram" the formation
+    # kernel's partials, except at the LM head, 37 wide: its rows are not 16-byte aligned for a descriptor.
+    assert (calls["gram_parts"] > 0) == (variant == "interacting")
+    assert (calls["form_and_gram_parts"] > 0) == (reads == "formgram")
     assert (calls["row_norms"] > 0) == (variant == "non_interacting" and reads == "candidates")
     assert (calls["norms_and_overlap"] > 0) == (reads == "fused")
     assert any(tma_reads) == (reads == "tma")

@@ -409,6 +409,7 @@ def test_mode_switches_run_both_sides_of_a_switch_in_one_process(tmp_path, monke
     from bench.overhead import split_mode, validate
 
     assert split_mode("isopo_int+triton+eager") == ("isopo_int", {"triton_kernels": True, "cuda_graphs": False})
+    assert split_mode("isopo_int+formgram") == ("isopo_int", {"kernels.FORM_IMPL": "fused"})
     assert split_mode("isopo_ni:paper+outer+rownorms+fused") == (
         "isopo_ni:paper", {"kernels.GRAM_IMPL": "outer", "kernels.NORMS_IMPL": "kernel",
                            "kernels.OVERLAP_IMPL": "fused"})

@@ -47,10 +47,14 @@ class StaticInputs:
     first EMA update, say), so that G is held once per shape."""
 
     def __init__(self, b: int, d_in: int, d_out: int, k: int, dtype: torch.dtype, device: torch.device,
-                 adv_dtype: torch.dtype):
+                 adv_dtype: torch.dtype, form_tiles: int = 0):
         self.g = torch.empty(b, d_out, d_in, dtype=dtype, device=device)
         self.a_k = torch.empty(k, d_in, dtype=dtype, device=device) if k else None
         self.d_k = torch.empty(k, d_out, dtype=dtype, device=device) if k else None
+        # With G formed by kernels.form_and_gram_parts: the Gram partials it writes beside G (the tail reads
+        # them instead of G for the NTK) and its per-tile counters, which it leaves at zero.
+        self.form_parts = torch.empty(form_tiles, b, b, dtype=torch.float32, device=device) if form_tiles else None
+        self.form_arrivals = torch.zeros(form_tiles, dtype=torch.int32, device=device) if form_tiles else None
         self.adv = torch.empty(b, dtype=adv_dtype, device=device)
         self._adv_source: tuple[weakref.ref, int] | None = None
 
@@ -167,7 +171,9 @@ class TailGraph:
 
     def _call(self, tail: Callable):
         visit = Visit(self)
-        w, grad, recorded = tail(self.inputs.g, self.inputs.a_k, self.inputs.d_k, self.inputs.adv, visit)
+        inputs = self.inputs
+        extra = {} if inputs.form_parts is None else {"parts": inputs.form_parts}
+        w, grad, recorded = tail(inputs.g, inputs.a_k, inputs.d_k, inputs.adv, visit, **extra)
         for key, value in recorded.items():
             self.record_slot(key, value.dtype).index_copy_(0, self.cursor, value.reshape(1))
         # Without slots the cursor is never read: its increment would be a kernel of every replay for nothing
@@ -257,8 +263,11 @@ class TailGraphs:
         return len(self._graphs)
 
     def get(self, b: int, d_in: int, d_out: int, k: int, dtype: torch.dtype, device: torch.device,
-            adv: torch.Tensor, ema: Mapping[str, torch.Tensor], stat_dtype: torch.dtype) -> TailGraph:
-        shape = (b, d_in, d_out, k, dtype, device, adv.dtype)
+            adv: torch.Tensor, ema: Mapping[str, torch.Tensor], stat_dtype: torch.dtype,
+            form_tiles: int = 0) -> TailGraph:
+        """form_tiles: G comes from ``kernels.form_and_gram_parts`` with that many Gram partials (0: from a
+        batched matmul)."""
+        shape = (b, d_in, d_out, k, dtype, device, adv.dtype, form_tiles)
         key = (shape, tuple(sorted(ema)))
         graph = self._graphs.get(key)
         if graph is not None:
@@ -266,7 +275,7 @@ class TailGraphs:
             return graph
         inputs = self._inputs.get(shape)
         if inputs is None:
-            inputs = self._inputs[shape] = StaticInputs(b, d_in, d_out, k, dtype, device, adv.dtype)
+            inputs = self._inputs[shape] = StaticInputs(b, d_in, d_out, k, dtype, device, adv.dtype, form_tiles)
         graph = self._graphs[key] = TailGraph(key, inputs, key[1], stat_dtype)
         while len(self._graphs) > self.kept:
             (old_shape, _), old = self._graphs.popitem(last=False)

@@ -73,6 +73,11 @@ TMA_STAGES = 2
 256 elements a side), TMA_SUB of its rows a tile (fewer past 16 sequences, to keep a tile's bytes); its
 warps and pipeline depth. For sm_90a these take 32 registers a thread, none spilled, 32 KiB of shared
 memory a stage (``python -m bench.kernel_compile``)."""
+FORM_IMPL = "bmm"
+"""How the interacting variant's graphed and eager layer tails get G and its Gram matrix on the kernel path:
+"bmm", torch's batched matmul, then the Gram kernel's pass over G; "fused" (``form_and_gram_parts``), one
+kernel that forms G and takes each tile's share of the Gram matrix from L2 right after writing it. Read when a
+layer's plan is made (per shape) and by each eager call. ``python -m bench.kernel_configs`` times both."""
 FORM_BLOCK_M = 128
 FORM_BLOCK_N = 128
 FORM_BLOCK_K = 64
@@ -222,7 +227,8 @@ def _form_gram_kernel(d_desc, a_desc, g_ptr, part_ptr, count_ptr, B, T, D_OUT, D
     # Program (tile, i), tile-major so a tile's B programs run together: G_i's tile δ_iᵀ a_i over T (tensor
     # descriptors: zeros past T, D_OUT, D_IN), stored in G's dtype. The tile's last program to arrive (a counter
     # per tile, acquire-release at GPU scope) reads the B stored tiles back while they are in L2 (.cg: not
-    # through L1) and stores their share of G Gᵀ as partial `tile`.
+    # through L1) and stores their share of G Gᵀ as partial `tile`, then zeroes the tile's counter again (the
+    # next launch on the same counters, in stream order, finds them zero).
     pid = tl.program_id(0)
     i = pid % B
     tile = pid // B
@@ -258,6 +264,7 @@ def _form_gram_kernel(d_desc, a_desc, g_ptr, part_ptr, count_ptr, B, T, D_OUT, D
             else:
                 gram += tl.dot(x, tl.trans(x))
         _store_partial(part_ptr, tile, gram, rows, B)
+        tl.atomic_xchg(count_ptr + tile, 0)
 
 
 @_jit
@@ -515,18 +522,30 @@ def formable(a3: torch.Tensor, d3: torch.Tensor) -> bool:
             and _descriptor_ready(a3) and _descriptor_ready(d3))
 
 
-def form_and_gram_parts(a3: torch.Tensor, d3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def form_tiles(d_in: int, d_out: int) -> int:
+    """The tiles of G (out × in) that ``form_and_gram_parts`` forms, one Gram partial each."""
+    return triton.cdiv(d_out, FORM_BLOCK_M) * triton.cdiv(d_in, FORM_BLOCK_N)
+
+
+def form_and_gram_parts(a3: torch.Tensor, d3: torch.Tensor, g: torch.Tensor | None = None,
+                        parts: torch.Tensor | None = None,
+                        arrivals: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(G, partials of G Gᵀ) in one kernel: G (B, out, in) = δ_iᵀ a_i per sequence in a3's dtype (what
     ``torch.bmm(d3.transpose(1, 2), a3)`` gives, accumulated in float32), and one float32 (B, B) partial per
-    tile of G, summing to G Gᵀ of G as stored. The Gram kernel's separate read of G from memory becomes a read
-    of each tile from L2 right after it is written. A candidate (``formable`` inputs), timed by ``python -m
-    bench.kernel_configs`` against torch's batched matmul and the Gram kernel; the engine does not use it."""
+    tile of G (``form_tiles``), summing to G Gᵀ of G as stored. The Gram kernel's separate read of G from
+    memory becomes a read of each tile from L2 right after it is written. For ``formable`` inputs; g, parts
+    and arrivals (int32 zeros, one per tile, zero again after the call) may be given, as a CUDA graph's
+    static buffers are."""
     b, t, d_in = a3.shape
     d_out = d3.shape[2]
-    g = torch.empty(b, d_out, d_in, dtype=a3.dtype, device=a3.device)
-    tiles = triton.cdiv(d_out, FORM_BLOCK_M) * triton.cdiv(d_in, FORM_BLOCK_N)
-    parts = torch.empty(tiles, b, b, dtype=torch.float32, device=a3.device)
-    arrivals = torch.zeros(tiles, dtype=torch.int32, device=a3.device)  # each tile's programs done so far
+    tiles = form_tiles(d_in, d_out)
+    g = torch.empty(b, d_out, d_in, dtype=a3.dtype, device=a3.device) if g is None else g
+    parts = torch.empty(tiles, b, b, dtype=torch.float32, device=a3.device) if parts is None else parts
+    if arrivals is None:
+        arrivals = torch.zeros(tiles, dtype=torch.int32, device=a3.device)  # each tile's programs done so far
+    if parts.shape != (tiles, b, b) or arrivals.shape != (tiles,) or g.shape != (b, d_out, d_in):
+        raise ValueError(f"form_and_gram_parts: buffers of {tuple(parts.shape)} partials, {tuple(arrivals.shape)} "
+                         f"counters, G {tuple(g.shape)}; this launch needs {tiles} tiles of G {(b, d_out, d_in)}")
     d_desc = TensorDescriptor.from_tensor(d3, [1, FORM_BLOCK_K, FORM_BLOCK_M])
     a_desc = TensorDescriptor.from_tensor(a3, [1, FORM_BLOCK_K, FORM_BLOCK_N])
     _form_gram_kernel[(tiles * b,)](d_desc, a_desc, g, parts, arrivals, b, t, d_out, d_in, ROWS=_rows_padded(b),
@@ -596,7 +615,8 @@ def gram(g: torch.Tensor) -> torch.Tensor:
 
 
 def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Tensor | None, c_lambda: float,
-                        slots: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        slots: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        parts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The interacting rule from the per-sequence gradients g (B, N): the Gram kernel, torch's sum of its
     partials (one parallel reduction; one program summing them ran 40 µs a layer on an H200), and one program
     for the rest: (Ã = λ (K + λI)⁻¹ A in float32, tr K / B) with λ = c_λ · ema_trace, or c_λ · tr K / B where
@@ -604,9 +624,10 @@ def interacting_weights(g: torch.Tensor, adv: torch.Tensor, ema_trace: torch.Ten
 
     slots: a CUDA graph visit's (cursor, trace slots) (``graphs.TailGraph``). Then ema_trace is the EMA's slot
     array (or None), the program reads it and writes tr K / B at cursor[0] and advances the cursor — in a
-    graph, three one-element kernels fewer a layer — and the trace slots are what is returned."""
+    graph, three one-element kernels fewer a layer — and the trace slots are what is returned. parts: G Gᵀ's
+    partials already taken (``form_and_gram_parts``), instead of the Gram kernel's pass over g."""
     b = g.shape[0]
-    ntk = gram_parts(g).sum(0)
+    ntk = (gram_parts(g) if parts is None else parts).sum(0)
     w = torch.empty(b, dtype=torch.float32, device=g.device)
     if slots is None:
         cursor, trace = w, torch.empty((), dtype=torch.float32, device=g.device)  # cursor: not read

@@ -23,6 +23,7 @@ from .statistics import (
     block_stats,
     choose_strategy,
     grad_stats,
+    gram_matrix,
     gram_out_dtype_supported,
     layer_stats,
     output_chunk,
@@ -117,7 +118,7 @@ class LayerPlan:
     statistics strategy and chunking (``layer_update``'s keyword arguments), whether its tail can be a
     graph's, and the graph it last used (kept, so that the next backward skips the lookup)."""
 
-    __slots__ = ("kwargs", "graphable", "copy", "graph_shape", "tail_fn", "tail", "tail_keys")
+    __slots__ = ("kwargs", "graphable", "copy", "graph_shape", "form_tiles", "tail_fn", "tail", "tail_keys")
 
     def __init__(self, layer: LinearLayer, x: torch.Tensor, d: torch.Tensor, b: int, t: int,
                  positions: torch.Tensor | None):
@@ -133,6 +134,9 @@ class LayerPlan:
         # tensor as the backward returns, so the graph's static output needs no copy of its own.
         self.copy = _static_gradient_needs_copy(x, layer.module._parameters["weight"])
         self.graph_shape = (b, d_in, d_out, k, x.dtype, x.device)
+        # The graph's G and NTK partials from kernels.form_and_gram_parts (``kernels.FORM_IMPL``), decided here.
+        self.form_tiles = (kernels.form_tiles(d_in, d_out) if self.graphable and x.dtype in (torch.float32,
+                           torch.float16, torch.bfloat16) and _forms_with_gram(cfg, positions is None) else 0)
         self.tail_fn = functools.partial(tail_update, cfg=cfg, fp32_gram=fp32_gram)
         self.tail: TailGraph | None = None
         self.tail_keys = -1
@@ -159,7 +163,7 @@ def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, p
     ema = layer.ema.value
     tail = plan.tail
     if tail is None or plan.tail_keys != len(ema) or not graphs.touch(tail):
-        tail = plan.tail = graphs.get(*plan.graph_shape, adv, ema, _stat_dtype(x.dtype))
+        tail = plan.tail = graphs.get(*plan.graph_shape, adv, ema, _stat_dtype(x.dtype), plan.form_tiles)
         plan.tail_keys = len(ema)
     if not tail.has_slot():
         return None  # this step has visited the graph more times than it has slots: the eager path
@@ -168,7 +172,10 @@ def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, p
         x_flat, d_flat, a3, d3 = padded_operands(x.reshape(-1, d_in), d.reshape(-1, d_out),
                                                  layout.token_mask if layout.has_padding else None,
                                                  layout.pad_index, b, layout.seq_len_max)
-        torch.bmm(d3.transpose(1, 2), a3, out=tail.g)
+        if plan.form_tiles:
+            _form_into(tail.inputs, a3, d3)
+        else:
+            torch.bmm(d3.transpose(1, 2), a3, out=tail.g)
         if positions is not None:
             torch.index_select(x_flat, 0, positions, out=tail.a_k)
             torch.index_select(d_flat, 0, positions, out=tail.d_k)
@@ -184,6 +191,24 @@ def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, p
     if plan.copy:
         grad_w = grad_w.clone()
     return grad_w  # the statistics it recorded stay in the graph's slots until the step's end
+
+
+def _forms_with_gram(cfg: IsopoConfig, interacting: bool) -> bool:
+    """Whether an interacting layer's G and NTK partials come from one kernel (``kernels.FORM_IMPL``)."""
+    return interacting and cfg.kernels_enabled and kernels.FORM_IMPL == "fused" and kernels.available()
+
+
+def _form_into(inputs, a3: torch.Tensor, d3: torch.Tensor) -> None:
+    """A graph's static G and NTK partials (``graphs.StaticInputs``) from a3 and d3: by the formation kernel,
+    or, where this call's operands do not suit it, by the batched matmul and the whole NTK as the first
+    partial (the rest zero) — what the captured tail reads either way."""
+    if kernels.formable(a3, d3):
+        kernels.form_and_gram_parts(a3, d3, inputs.g, inputs.form_parts, inputs.form_arrivals)
+        return
+    torch.bmm(d3.transpose(1, 2), a3, out=inputs.g)
+    flat = inputs.g.view(inputs.g.shape[0], -1)
+    inputs.form_parts.zero_()
+    inputs.form_parts[0] = kernels.gram(flat) if kernels.usable(flat) else gram_matrix(flat, torch.float32)
 
 
 def _eager_or_compiled(cfg: IsopoConfig, args, kwargs):
@@ -229,8 +254,12 @@ def layer_update(
     if positions is not None:
         a_k, d_k = x_flat.index_select(0, positions), d_flat.index_select(0, positions)
     if strategy == "instantiate" and chunk is None:
-        g = torch.bmm(d3.transpose(1, 2), a3)  # (B, out, in): the per-sequence gradients G_i
-        w, grad_flat, recorded = tail_update(g, a_k, d_k, adv, ema, cfg=cfg, fp32_gram=fp32_gram)
+        parts = None
+        if _forms_with_gram(cfg, positions is None) and kernels.formable(a3, d3):
+            g, parts = kernels.form_and_gram_parts(a3, d3)  # G, and its NTK's partials from the same kernel
+        else:
+            g = torch.bmm(d3.transpose(1, 2), a3)  # (B, out, in): the per-sequence gradients G_i
+        w, grad_flat, recorded = tail_update(g, a_k, d_k, adv, ema, cfg=cfg, fp32_gram=fp32_gram, parts=parts)
         return grad_flat.view(d_out, d_in), w, recorded
 
     stat_dtype = _stat_dtype(x_flat.dtype)
@@ -257,10 +286,12 @@ def tail_update(
     *,
     cfg: IsopoConfig,
     fp32_gram: bool,
+    parts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Everything after the per-sequence gradients g (B, out, in), given the overlap sample (a_k, d_k; None:
     interacting): (w, Σ_i w_i G_i flat, recorded) — the statistics, the weights and the weighted sum, ~15
-    small kernels on a GPU that ``graphs.py`` replays as one graph."""
+    small kernels on a GPU that ``graphs.py`` replays as one graph. parts: the NTK's partials, taken where G
+    was formed (``kernels.form_and_gram_parts``), for the kernel path of the interacting rule."""
     stat_dtype = _stat_dtype(g.dtype)
     recorded: dict[str, torch.Tensor] = {}
     flat = g.view(g.shape[0], -1)
@@ -272,10 +303,10 @@ def tail_update(
     if fused and a_k is None and isinstance(ema, Visit):
         # From a graph: the program reads the EMA's slot, records tr K / B into its own and moves the cursor on.
         w, _ = kernels.interacting_weights(flat, adv, ema.ema_slots.get("trK"), cfg.c_lambda,
-                                           slots=(ema.cursor, ema.record_slot("trK", stat_dtype)))
+                                           slots=(ema.cursor, ema.record_slot("trK", stat_dtype)), parts=parts)
         ema.advanced = True
     elif fused and a_k is None:
-        w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda)
+        w, recorded["trK"] = kernels.interacting_weights(flat, adv, ema.get("trK"), cfg.c_lambda, parts=parts)
     elif fused and unregularised(cfg):
         norm, overlap_num = block_stats(g, a_k, d_k, stat_dtype, cfg.p != cfg.r, use_kernels=True)
         w = kernels.non_interacting_weights(norm, overlap_num, a_k, d_k, adv, cfg.p - cfg.r, cfg.q + cfg.r)
