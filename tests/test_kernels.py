@@ -110,15 +110,15 @@ def test_descriptor_gram_matches_float64(device, dtype, b, n, monkeypatch):
 @pytest.mark.parametrize(("b", "t", "d_in", "d_out"), [(1, 16, 8, 16), (8, 50, 40, 72), (5, 37, 64, 24), (33, 9, 16, 8)])
 def test_formation_with_gram_matches_float64(device, dtype, b, t, d_in, d_out, monkeypatch):
     """The candidate that forms G and its Gram matrix in one kernel (``form_and_gram_parts``): G as the batched
-    matmul forms it, at shapes that are not multiples of the tiles, and partials summing to the Gram matrix of
-    G as stored, each tile's share taken by whichever of its programs arrives last — the same numbers on
-    every call."""
+    matmul forms it, at shapes that are not multiples of the tiles and from a strided view of δ, and partials
+    summing to the Gram matrix of G as stored, each tile's share taken by whichever of its programs arrives
+    last — the same numbers on every call."""
     monkeypatch.setattr(kernels, "FORM_BLOCK_M", 16)
     monkeypatch.setattr(kernels, "FORM_BLOCK_N", 32)
     monkeypatch.setattr(kernels, "FORM_BLOCK_K", 16)
     gen = torch.Generator().manual_seed(b * 1000 + t)
     a3 = torch.randn(b, t, d_in, generator=gen).to(device, dtype)
-    d3 = torch.randn(b, t, d_out, generator=gen).to(device, dtype)
+    d3 = torch.randn(b, t, d_out + 16, generator=gen).to(device, dtype)[:, :, 8:d_out + 8]  # a block of δ's columns
     exact = torch.bmm(d3.double().transpose(1, 2), a3.double())
     for gram_rows in (2, 16):
         monkeypatch.setattr(kernels, "FORM_GRAM_ROWS", gram_rows)
@@ -134,6 +134,7 @@ def test_formation_with_gram_matches_float64(device, dtype, b, t, d_in, d_out, m
     assert kernels.formable(a3, d3) == (device == "cuda")
     if device == "cuda":
         assert not kernels.formable(a3.transpose(1, 2).contiguous().transpose(1, 2), d3)
+        assert not kernels.formable(a3, d3[:, :, 1:])  # a start off a 16-byte boundary
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -436,6 +437,31 @@ def test_an_interacting_layer_formed_in_blocks_takes_the_gram_kernel_per_block(d
     # Blocks: fewer output rows than the layer has (40 kB of float32 G at a time).
     widths = {shape[1] for shape in calls}
     assert len(calls) > len(widths) and max(widths) <= 40_000 // 4 // 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_interacting_layer_formed_in_blocks_takes_the_formation_kernel_per_block(device, monkeypatch):
+    """With the formation kernel chosen (``FORM_IMPL = "fused"``), each block of output rows of a G too large
+    to hold comes with its share of the NTK from that kernel, δ's columns of the block read in place (a
+    strided view): the same gradients as the torch path."""
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
+        monkeypatch.setattr(kernels, "formable", lambda a3, d3: kernels._descriptor_ready(a3)
+                            and kernels._descriptor_ready(d3))
+    monkeypatch.setattr(kernels, "FORM_IMPL", "fused")
+    for name, value in (("FORM_BLOCK_M", 16), ("FORM_BLOCK_N", 32), ("FORM_BLOCK_K", 16)):
+        monkeypatch.setattr(kernels, name, value)  # tiles to the blocks' size (the interpreter pays for padding)
+    calls = []
+    real = kernels.form_and_gram_parts
+    monkeypatch.setattr(kernels, "form_and_gram_parts",
+                        lambda a3, d3: calls.append((d3.shape, d3.is_contiguous())) or real(a3, d3))
+    # 4 kB of float32 G at a time: blocks of 8 output rows at 32 inputs, of 5 at 48 (whose blocks after the
+    # first start off a 16-byte boundary of δ, and take the batched matmul and the Gram kernel).
+    cfg = IsopoConfig(variant="interacting", setting=None, c_lambda=0.5, strategy="instantiate", chunk_bytes=4096,
+                      cuda_graphs=False, triton_kernels=False)
+    _assert_the_kernels_change_nothing(device, cfg, torch_path_called_none=lambda: not calls)
+    widths = {shape[2] for shape, _ in calls}
+    assert {5, 8} <= widths and max(widths) == 8 and not any(contiguous for _, contiguous in calls)  # views
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2", "ignore:invalid value encountered in multiply")

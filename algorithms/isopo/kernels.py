@@ -514,12 +514,12 @@ def _gram_tma_ready(g: torch.Tensor) -> bool:
 
 def formable(a3: torch.Tensor, d3: torch.Tensor) -> bool:
     """Whether ``form_and_gram_parts`` takes these sequences' inputs a3 (B, T, in) and output gradients d3
-    (B, T, out): contiguous CUDA tensors of one float type, B ≤ 64, G under 2³¹ elements, rows on 16-byte
-    boundaries (tensor descriptors)."""
+    (B, T, out): CUDA tensors of one float type, B ≤ 64, G under 2³¹ elements, laid out as tensor descriptors
+    need (unit stride last, other strides and the start on 16-byte boundaries: a block of δ's columns whose
+    first column is a multiple of 8 will do)."""
     return (TensorDescriptor is not None and a3.is_cuda and a3.dim() == d3.dim() == 3 and a3.dtype == d3.dtype
             and a3.dtype in _DTYPES and a3.shape[:2] == d3.shape[:2] and a3.shape[0] <= MAX_ROWS
-            and a3.is_contiguous() and d3.is_contiguous() and a3.shape[0] * a3.shape[2] * d3.shape[2] < 2**31
-            and _descriptor_ready(a3) and _descriptor_ready(d3))
+            and a3.shape[0] * a3.shape[2] * d3.shape[2] < 2**31 and _descriptor_ready(a3) and _descriptor_ready(d3))
 
 
 def form_tiles(d_in: int, d_out: int) -> int:

@@ -67,8 +67,9 @@ def layer_stats(
     chunk: output rows of G formed at once (None: all of them); fp32_gram: this device has a matmul from
     bf16/fp16 straight to float32 (see ``gram_out_dtype_supported``); need_norm: False leaves N_i out
     (non-interacting weights that do not read it); use_kernels: the NTK of G or of its blocks by the Triton
-    Gram kernel where usable (``IsopoConfig.triton_kernels``), and the norms and overlap numerators by the
-    fused kernel where ``kernels.OVERLAP_IMPL`` chooses it."""
+    Gram kernel where usable (``IsopoConfig.triton_kernels``), or with G's blocks by the formation kernel where
+    ``kernels.FORM_IMPL`` chooses it, and the norms and overlap numerators by the fused kernel where
+    ``kernels.OVERLAP_IMPL`` chooses it."""
     if strategy == "instantiate":
         return _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, need_norm, use_kernels)
     return _gram(a, d, a_k, d_k, interacting, stat_dtype, need_norm, fp32_gram)
@@ -89,8 +90,14 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, nee
     if chunk is None:
         return grad_stats(torch.bmm(d.transpose(1, 2), a), a_k, d_k, stat_dtype, fp32_gram, need_norm, use_kernels)
     n_sq = overlap_num = ntk = None
+    form = interacting and use_kernels and stat_dtype == torch.float32 and kernels.FORM_IMPL == "fused"
     for lo in range(0, d_out, chunk):
         hi = min(d_out, lo + chunk)
+        if form and kernels.formable(a, d[:, :, lo:hi]):
+            # This block of G and its share of the NTK from one kernel (the block itself is not needed after).
+            part = kernels.form_and_gram_parts(a, d[:, :, lo:hi])[1].sum(0)
+            ntk = part if ntk is None else ntk + part
+            continue
         g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): these output rows of every G_i
         if interacting:
             part = _ntk(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram, use_kernels)
