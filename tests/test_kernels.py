@@ -494,21 +494,28 @@ def test_a_non_interacting_layer_formed_in_blocks_takes_the_fused_kernel_per_blo
 
 # On a GPU also the non-interacting statistics by the fused kernel (on a CPU it would not run: no bf16 there).
 BF16_TAILS = [("non_interacting", "torch"), ("interacting", "torch")] + (
-    [("non_interacting", "fused")] if torch.cuda.is_available() else [])
+    [("non_interacting", "fused"), ("interacting", "tma"), ("interacting", "formgram")] if torch.cuda.is_available()
+    else [])
+CANDIDATES = {"torch": {}, "fused": {"OVERLAP_IMPL": "fused"}, "tma": {"GRAM_IMPL": "tma"},
+              "formgram": {"FORM_IMPL": "fused"}}
+"""The candidate kernels as the bf16 graph test sets them: the fused norms and overlap, the descriptor Gram
+kernel, G with its NTK partials from one kernel."""
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("variant", "overlap_impl"), BF16_TAILS)
-def test_the_fused_tails_in_graphs_under_bf16_autocast_match_the_torch_path(device, variant, overlap_impl,
+@pytest.mark.parametrize(("variant", "candidate"), BF16_TAILS)
+def test_the_fused_tails_in_graphs_under_bf16_autocast_match_the_torch_path(device, variant, candidate,
                                                                            monkeypatch):
     """The benchmark's CUDA path: bf16 autocast, the layer tails captured as graphs, from G to the weights in
-    the Triton kernels, against the eager torch path (cuBLAS, cuSOLVER). The torch path rounds the weights to
-    bf16 before its weighted sum, the kernel sums in float32: they agree to bf16's precision. On a CPU the
-    kernels are not admitted for bf16 (the interpreter has none), so there the graph path's torch tail runs."""
+    the Triton kernels (and on a GPU each candidate kernel), against the eager torch path (cuBLAS, cuSOLVER).
+    The torch path rounds the weights to bf16 before its weighted sum, the kernel sums in float32: they agree
+    to bf16's precision. On a CPU the kernels are not admitted for bf16 (the interpreter has none), so there
+    the graph path's torch tail runs."""
     if device == "cpu":
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
-    monkeypatch.setattr(kernels, "OVERLAP_IMPL", overlap_impl)
-    calls = {"interacting_weights": 0, "non_interacting_weights": 0, "norms_and_overlap": 0}
+    for name, value in CANDIDATES[candidate].items():
+        monkeypatch.setattr(kernels, name, value)
+    calls = {"interacting_weights": 0, "non_interacting_weights": 0, "norms_and_overlap": 0, "form_and_gram_parts": 0}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -530,5 +537,6 @@ def test_the_fused_tails_in_graphs_under_bf16_autocast_match_the_torch_path(devi
     assert_rel_close(efficient_step(model, graphed, batches, n_tok, autocast=bf16), expected, tol=1e-2)
     assert not graphed.graphs.failed
     assert (calls["interacting_weights"] + calls["non_interacting_weights"] > 0) == (device == "cuda")
-    assert (calls["norms_and_overlap"] > 0) == (device == "cuda" and overlap_impl == "fused")
+    assert (calls["norms_and_overlap"] > 0) == (device == "cuda" and candidate == "fused")
+    assert (calls["form_and_gram_parts"] > 0) == (device == "cuda" and candidate == "formgram")
 
