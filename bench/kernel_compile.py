@@ -101,13 +101,14 @@ def launches(candidates: bool = False) -> list[Launch]:
         return Launch(f"gram tma sub={sub} warps={warps} stages={stages} waves={waves}", k._gram_tma_kernel,
                       _sig(pointers, {"B": "i32"}, c), c, {"num_warps": warps, "num_stages": stages})
 
-    def form(rows, cols, step, warps, stages):
-        c = {"ROWS": max(16, ROWS), "BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step, "GRAM_ROWS": k.FORM_GRAM_ROWS,
+    def form(rows, cols, step, warps, stages, gram_rows):
+        c = {"ROWS": max(16, ROWS), "BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step, "GRAM_ROWS": gram_rows,
              "IEEE": False}
         pointers = {"d_desc": f"tensordesc<bf16[1, {step}, {rows}]>", "a_desc": f"tensordesc<bf16[1, {step}, {cols}]>",
                     "g_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
         scalars = {"B": "i32", "T": "i32", "D_OUT": "i32", "D_IN": "i32"}
-        return Launch(f"form+gram fused rows={rows} cols={cols} step={step} warps={warps} stages={stages}",
+        return Launch(f"form+gram fused rows={rows} cols={cols} step={step} warps={warps} stages={stages} "
+                      f"gram_rows={gram_rows}",
                       k._form_gram_kernel, _sig(pointers, scalars, c), c, {"num_warps": warps, "num_stages": stages},
                       ("T", "D_OUT", "D_IN"))
 
@@ -134,7 +135,7 @@ def launches(candidates: bool = False) -> list[Launch]:
         gram(k.BLOCK, k.GRAM_WARPS, k.GRAM_STAGES),
         outer(k.OUTER_BLOCK, k.OUTER_WARPS),
         tma(k.TMA_SUB, k.TMA_WARPS, k.TMA_STAGES),
-        form(k.FORM_BLOCK_M, k.FORM_BLOCK_N, k.FORM_BLOCK_K, k.FORM_WARPS, k.FORM_STAGES),
+        form(k.FORM_BLOCK_M, k.FORM_BLOCK_N, k.FORM_BLOCK_K, k.FORM_WARPS, k.FORM_STAGES, k.FORM_GRAM_ROWS),
         norms(k.NORMS_BLOCK, k.NORMS_WARPS),
         overlap(k.OVERLAP_BLOCK_M, k.OVERLAP_BLOCK_N, k.OVERLAP_WARPS, k.OVERLAP_STAGES),
         Launch("damped_solve", k._damped_solve_kernel,

@@ -38,10 +38,12 @@ TMA_SETTINGS = [(4, 4, 2, 4), (4, 8, 3, 4), (1, 4, 3, 4), (4, 4, 2, 64), (4, 8, 
 """(rows of 256 columns per tile, warps, stages, waves) of the descriptor Gram kernel (``GRAM_IMPL = "tma"``):
 tiles of 1024, 512 and 256 columns, each loaded by one copy; for sm_90a none spills (``python -m
 bench.kernel_compile --candidates``; 2 rows with 4 or 8 warps, or 4 rows, 4 warps and 3 stages, spilled)."""
-FORM_SETTINGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)]
-"""(rows, columns, step along T, warps, stages) of the formation-with-Gram kernel (``form_and_gram_parts``),
+FORM_SETTINGS = [(128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 8), (128, 256, 64, 8, 3, 2), (64, 128, 64, 4, 4, 2)]
+"""(rows, columns, step along T, warps, stages, rows of a tile its Gram share reads at a time) of the
+formation-with-Gram kernel (``form_and_gram_parts``; the last program of each tile reads the B tiles back in
+rows / that many steps),
 against "form+gram bmm+gram" (torch's batched matmul, then the Gram kernel), timed last: for sm_90a TMA,
-``wgmma`` and 90–154 registers a thread, none spilled."""
+``wgmma`` and 90–169 registers a thread, none spilled."""
 SEQ_LEN = 1024
 """T of the formation rows' inputs (the benchmark's sequence length)."""
 NORMS_SETTINGS = [(block, warps) for block in (1024, 2048) for warps in (4, 8)]
@@ -109,10 +111,10 @@ def candidates(b: int, d_in: int, d_out: int, device: str = "cuda", dtype: torch
                                                           WEIGHTS_WARPS=warps)
     out["form bmm"] = lambda: torch.bmm(d3.transpose(1, 2), a3)  # G alone: what the fused kernel's matmul is up against
     out["form+gram bmm+gram"] = lambda: _formed_then_gram(a3, d3)
-    for bm, bn, bk, warps, stages in FORM_SETTINGS:
-        out[f"form+gram fused rows={bm} cols={bn} step={bk} warps={warps} stages={stages}"] = under(
-            lambda: _parts_summed(*kernels.form_and_gram_parts(a3, d3)), FORM_BLOCK_M=bm, FORM_BLOCK_N=bn,
-            FORM_BLOCK_K=bk, FORM_WARPS=warps, FORM_STAGES=stages)
+    for bm, bn, bk, warps, stages, gram_rows in FORM_SETTINGS:
+        out[f"form+gram fused rows={bm} cols={bn} step={bk} warps={warps} stages={stages} gram_rows={gram_rows}"] = \
+            under(lambda: _parts_summed(*kernels.form_and_gram_parts(a3, d3)), FORM_BLOCK_M=bm, FORM_BLOCK_N=bn,
+                  FORM_BLOCK_K=bk, FORM_WARPS=warps, FORM_STAGES=stages, FORM_GRAM_ROWS=gram_rows)
     return out
 
 
