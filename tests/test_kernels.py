@@ -28,6 +28,11 @@ def test_triton_is_installed_wherever_the_suite_runs():
     assert kernels.available() and DEVICES
 
 
+def _formable_interpreted(a3: torch.Tensor, d3: torch.Tensor) -> bool:
+    """``kernels.formable`` for the interpreter's CPU tensors: the layout a tensor descriptor needs."""
+    return kernels._descriptor_ready(a3) and kernels._descriptor_ready(d3)
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     # The weighted sum is rounded to G's dtype once; the Gram matrix is float32 throughout.
     return {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
@@ -363,8 +368,7 @@ def test_the_engine_with_the_kernels_matches_the_torch_path(device, variant, rea
         for name, value in (("FORM_BLOCK_M", 32), ("FORM_BLOCK_N", 32), ("FORM_BLOCK_K", 32)):
             monkeypatch.setattr(kernels, name, value)  # two tiles for the MLP's layers
         if device == "cpu":
-            monkeypatch.setattr(kernels, "formable", lambda a3, d3: a3.is_contiguous() and d3.is_contiguous()
-                                and kernels._descriptor_ready(a3) and kernels._descriptor_ready(d3))
+            monkeypatch.setattr(kernels, "formable", _formable_interpreted)
     cfg = IsopoConfig(variant=variant, setting="paper" if variant == "non_interacting" else None, num_samples=9,
                       strategy="instantiate", cuda_graphs=False, triton_kernels=True)
     calls = {"gram_parts": 0, "weighted_sum": 0, "interacting_weights": 0, "non_interacting_weights": 0,
@@ -446,8 +450,7 @@ def test_an_interacting_layer_formed_in_blocks_takes_the_formation_kernel_per_bl
     strided view): the same gradients as the torch path."""
     if device == "cpu":
         monkeypatch.setattr(kernels, "usable", lambda g: g.dtype in (torch.float32, torch.float16) and g.shape[0] <= 64)
-        monkeypatch.setattr(kernels, "formable", lambda a3, d3: kernels._descriptor_ready(a3)
-                            and kernels._descriptor_ready(d3))
+        monkeypatch.setattr(kernels, "formable", _formable_interpreted)
     monkeypatch.setattr(kernels, "FORM_IMPL", "fused")
     for name, value in (("FORM_BLOCK_M", 16), ("FORM_BLOCK_N", 32), ("FORM_BLOCK_K", 16)):
         monkeypatch.setattr(kernels, name, value)  # tiles to the blocks' size (the interpreter pays for padding)
