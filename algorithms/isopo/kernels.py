@@ -522,6 +522,12 @@ def formable(a3: torch.Tensor, d3: torch.Tensor) -> bool:
             and a3.shape[0] * a3.shape[2] * d3.shape[2] < 2**31 and _descriptor_ready(a3) and _descriptor_ready(d3))
 
 
+def formation_chosen(dtype: torch.dtype) -> bool:
+    """Whether G of this dtype and its NTK come from ``form_and_gram_parts`` (``FORM_IMPL``), where the
+    operands suit it (``formable``)."""
+    return FORM_IMPL == "fused" and triton is not None and dtype in _DTYPES
+
+
 def form_tiles(d_in: int, d_out: int) -> int:
     """The tiles of G (out × in) that ``form_and_gram_parts`` forms, one Gram partial each."""
     return triton.cdiv(d_out, FORM_BLOCK_M) * triton.cdiv(d_in, FORM_BLOCK_N)

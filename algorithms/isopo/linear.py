@@ -23,9 +23,9 @@ from .statistics import (
     block_stats,
     choose_strategy,
     grad_stats,
-    gram_matrix,
     gram_out_dtype_supported,
     layer_stats,
+    ntk_matrix,
     output_chunk,
 )
 from .weights import interacting_weights, needs_norm, non_interacting_weights, unregularised
@@ -135,8 +135,8 @@ class LayerPlan:
         self.copy = _static_gradient_needs_copy(x, layer.module._parameters["weight"])
         self.graph_shape = (b, d_in, d_out, k, x.dtype, x.device)
         # The graph's G and NTK partials from kernels.form_and_gram_parts (``kernels.FORM_IMPL``), decided here.
-        self.form_tiles = (kernels.form_tiles(d_in, d_out) if self.graphable and x.dtype in (torch.float32,
-                           torch.float16, torch.bfloat16) and _forms_with_gram(cfg, positions is None) else 0)
+        self.form_tiles = (kernels.form_tiles(d_in, d_out)
+                           if self.graphable and _forms_with_gram(cfg, positions is None, x.dtype) else 0)
         self.tail_fn = functools.partial(tail_update, cfg=cfg, fp32_gram=fp32_gram)
         self.tail: TailGraph | None = None
         self.tail_keys = -1
@@ -193,9 +193,9 @@ def _graph_step(plan: LayerPlan, graphs: TailGraphs, layer: LinearLayer, x, d, p
     return grad_w  # the statistics it recorded stay in the graph's slots until the step's end
 
 
-def _forms_with_gram(cfg: IsopoConfig, interacting: bool) -> bool:
+def _forms_with_gram(cfg: IsopoConfig, interacting: bool, dtype: torch.dtype) -> bool:
     """Whether an interacting layer's G and NTK partials come from one kernel (``kernels.FORM_IMPL``)."""
-    return interacting and cfg.kernels_enabled and kernels.FORM_IMPL == "fused" and kernels.available()
+    return interacting and cfg.kernels_enabled and kernels.formation_chosen(dtype)
 
 
 def _form_into(inputs, a3: torch.Tensor, d3: torch.Tensor) -> None:
@@ -208,7 +208,7 @@ def _form_into(inputs, a3: torch.Tensor, d3: torch.Tensor) -> None:
     torch.bmm(d3.transpose(1, 2), a3, out=inputs.g)
     flat = inputs.g.view(inputs.g.shape[0], -1)
     inputs.form_parts.zero_()
-    inputs.form_parts[0] = kernels.gram(flat) if kernels.usable(flat) else gram_matrix(flat, torch.float32)
+    inputs.form_parts[0] = ntk_matrix(flat, torch.float32, use_kernels=True)
 
 
 def _eager_or_compiled(cfg: IsopoConfig, args, kwargs):
@@ -255,7 +255,7 @@ def layer_update(
         a_k, d_k = x_flat.index_select(0, positions), d_flat.index_select(0, positions)
     if strategy == "instantiate" and chunk is None:
         parts = None
-        if _forms_with_gram(cfg, positions is None) and kernels.formable(a3, d3):
+        if _forms_with_gram(cfg, positions is None, a3.dtype) and kernels.formable(a3, d3):
             g, parts = kernels.form_and_gram_parts(a3, d3)  # G, and its NTK's partials from the same kernel
         else:
             g = torch.bmm(d3.transpose(1, 2), a3)  # (B, out, in): the per-sequence gradients G_i

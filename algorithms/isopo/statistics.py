@@ -90,7 +90,7 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, nee
     if chunk is None:
         return grad_stats(torch.bmm(d.transpose(1, 2), a), a_k, d_k, stat_dtype, fp32_gram, need_norm, use_kernels)
     n_sq = overlap_num = ntk = None
-    form = interacting and use_kernels and stat_dtype == torch.float32 and kernels.FORM_IMPL == "fused"
+    form = interacting and use_kernels and kernels.formation_chosen(a.dtype)
     for lo in range(0, d_out, chunk):
         hi = min(d_out, lo + chunk)
         if form and kernels.formable(a, d[:, :, lo:hi]):
@@ -100,7 +100,7 @@ def _instantiated(a, d, a_k, d_k, interacting, chunk, stat_dtype, fp32_gram, nee
             continue
         g = torch.bmm(d[:, :, lo:hi].transpose(1, 2), a)  # (B, chunk, in): these output rows of every G_i
         if interacting:
-            part = _ntk(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram, use_kernels)
+            part = ntk_matrix(g.reshape(g.shape[0], -1), stat_dtype, fp32_gram, use_kernels)
             ntk = part if ntk is None else ntk + part
             continue
         part_norm, part_o = block_stats(g, a_k, d_k[:, lo:hi], stat_dtype, need_norm, use_kernels)
@@ -119,13 +119,14 @@ def grad_stats(g: torch.Tensor, a_k: torch.Tensor | None, d_k: torch.Tensor | No
     the interacting variant. use_kernels: the NTK by the Triton Gram kernel where ``kernels.usable``
     (``IsopoConfig.triton_kernels``); the norms and overlap numerators as ``block_stats`` chooses them."""
     if a_k is None:  # N_i² is the NTK's diagonal: one pass over G fewer
-        return LayerStats(norm=None, overlap_num=None, ntk=_ntk(g.view(g.shape[0], -1), stat_dtype, fp32_gram,
+        return LayerStats(norm=None, overlap_num=None, ntk=ntk_matrix(g.view(g.shape[0], -1), stat_dtype, fp32_gram,
                                                                 use_kernels))
     norm, overlap_num = block_stats(g, a_k, d_k, stat_dtype, need_norm, use_kernels)
     return LayerStats(norm=norm, overlap_num=overlap_num, ntk=None)
 
 
-def _ntk(flat: torch.Tensor, stat_dtype: torch.dtype, fp32_gram: bool, use_kernels: bool) -> torch.Tensor:
+def ntk_matrix(flat: torch.Tensor, stat_dtype: torch.dtype, fp32_gram: bool = False,
+               use_kernels: bool = False) -> torch.Tensor:
     """flat flatᵀ for G or a block of its rows, (B, ·): by the Gram kernel where it is usable, else a matmul
     (cuBLAS runs this 8 × 8 output with its huge inner dimension far from memory speed; BENCHMARKS.md)."""
     if use_kernels and stat_dtype == torch.float32 and kernels.usable(flat):
