@@ -9,11 +9,11 @@ import pandas as pd
 
 BASE_MODE = "reinforce"
 COLUMNS = ["group", "device", "date", "source", "model", "batch", "seq_len", "lm_head", "compile", "cuda_graphs", "triton_kernels", "mode",
-           "median_s", "min_s", "max_s", "host_s", "time_ratio", "paired_ratio", "paired_lo", "paired_hi", "peak_mib",
-           "mem_ratio"]
+           "median_s", "min_s", "max_s", "host_s", "time_ratio", "paired_ratio", "paired_lo", "paired_hi", "flop_ratio",
+           "peak_mib", "mem_ratio"]
 SCALING_COLUMNS = ["group", "device", "date", "source", "model", "lm_head", "compile", "cuda_graphs", "triton_kernels", "fixed_batch",
                    "fixed_seq_len",
-                   "batch", "seq_len", "mode", "median_s", "time_ratio", "paired_ratio", "mem_ratio"]
+                   "batch", "seq_len", "mode", "median_s", "time_ratio", "paired_ratio", "flop_ratio", "mem_ratio"]
 
 
 def overhead_table(docs: list[dict]) -> pd.DataFrame:
@@ -22,6 +22,7 @@ def overhead_table(docs: list[dict]) -> pd.DataFrame:
     ``host_s`` is the median time until the host had issued the step (NaN in files from before it was
     measured): on CUDA, host_s close to median_s means launching kernels, not running them, set the pace.
     ``paired_lo`` / ``paired_hi``: the paired ratio's 95 % CI (NaN in older files and below 6 rounds).
+    ``flop_ratio``: the step's counted FLOPs over reinforce's (``bench.flops``), the floor of time_ratio.
     A ratio missing from the JSON is recomputed from the file's reinforce entry (NaN without one).
     ``group`` labels one device/config (one file) for grouping bars.
     """
@@ -86,6 +87,9 @@ def _ratios(res: dict, results: dict) -> dict:
         "time_ratio": _ratio(res, base, "ratio_vs_reinforce", "median_s"),
         # Median of per-round ratios; absent from files written before it existed.
         "paired_ratio": float(res.get("paired_ratio_median", np.nan)),
+        # The step's counted FLOPs over reinforce's: the floor the time ratio is read against (NaN in files
+        # from before it was counted).
+        "flop_ratio": _ratio(res, base, "flop_ratio_vs_reinforce", "gflop"),
         "mem_ratio": _ratio(res, base, "peak_ratio_vs_reinforce", "peak_mib"),
     }
 
@@ -99,6 +103,6 @@ def _paired_ci(res: dict) -> dict:
 def _ratio(res: dict, base: dict, key: str, raw: str) -> float:
     if res.get(key) is not None:
         return float(res[key])
-    if base.get(raw):
+    if base.get(raw) and res.get(raw) is not None:
         return float(res[raw]) / float(base[raw])
     return np.nan

@@ -211,12 +211,13 @@ def _render(sweep_dir, metrics, runs, config, tables, figures, tex_missing, marg
                 "median/min/max seconds per update, host_s (median seconds until the host had issued the "
                 "step; on a GPU, close to median_s means the host's kernel launches set the pace) and peak "
                 "memory (MiB), with ratios to reinforce measured in the same file; paired_lo/paired_hi bound "
-                "the paired ratio (median of the rounds' own ratios) with 95 % confidence.")
+                "the paired ratio (median of the rounds' own ratios) with 95 % confidence; flop_ratio is the "
+                "step's counted FLOPs over reinforce's, the floor that no kernel can take the time ratio under.")
         figure("overhead", "Time and peak memory relative to reinforce (dashed line: parity)")
     if "overhead_scaling" in tables:
         section("Overhead scaling", "overhead_scaling",
                 "From `python -m bench overhead --scaling` files: per point (B sequences of T tokens) and mode, "
                 "the median seconds per update and its ratios to reinforce at the same point (time, paired "
-                "time, peak memory). The T sweep holds B at fixed_batch, the B sweep holds T at fixed_seq_len.")
+                "time, counted FLOPs, peak memory). The T sweep holds B at fixed_batch, the B sweep holds T at fixed_seq_len.")
         figure("overhead_scaling", "Time per update relative to reinforce as T and B grow (dashed line: parity)")
     return "\n".join(out).rstrip() + "\n"

@@ -28,7 +28,10 @@ Reported: median, min and max seconds, the ratio of medians to reinforce, and th
 each round's own ratio (``paired``; robust to drift in the machine's speed during the run) with its 95 %
 confidence interval (distribution-free: two order statistics of the rounds' ratios), and the median
 time until the host had issued the whole step (``host_s``): on CUDA, a ``host_s`` close to the step's time
-means the host's launches, not the device, set the pace. On CPU the heap policy
+means the host's launches, not the device, set the pace. Beside the times, each mode's FLOPs counted in one
+more untimed step (``gflop``, ``flop_ratio``; ``bench.flops``: the matmuls and attention that the step
+issues, on the torch path, whose arithmetic the CUDA graphs and Triton kernels share): the floor that the
+time ratio is read against, so that a target can be checked against what no kernel can remove. On CPU the heap policy
 (``--malloc``) defaults to ``retain``: glibc keeps freed blocks instead of unmapping them, as PyTorch's
 caching allocator does on CUDA, so no mode pays page faults for temporaries it already had last step;
 ``system`` measures with glibc's defaults. Either way it applies to every mode alike and is recorded.
@@ -70,6 +73,8 @@ from torch import nn
 
 from algorithms.isopo import Isopo, IsopoConfig, kernels
 from algorithms.isopo.config import STRATEGIES
+
+from .flops import count_flops
 
 MODES = (
     "reinforce",
@@ -458,6 +463,7 @@ class Mode:
         self.optimizer = optimizer
         self.autocast = autocast
         self.engine = None
+        self._counting_args = (model, autocast, num_samples, chunk_bytes, strategy)
         name, switches = split_mode(name)
         self.kernel_settings = {key.split(".", 1)[1]: value for key, value in switches.items()
                                 if key.startswith("kernels.")}
@@ -479,6 +485,17 @@ class Mode:
         elif name == "isopo_int_hooks":
             self.engine = HooksIsopo(model, IsopoConfig(variant="interacting", setting=None, c_lambda=1.0,
                                                         num_samples=num_samples))
+
+    def counting_twin(self) -> Mode:
+        """This mode on the torch path (eager layers, torch operations, no compile, no optimizer): the same
+        arithmetic with every operation visible to the FLOP counter (``bench.flops``), which does not see
+        a replayed CUDA graph or a Triton kernel. Only the statistics route (+instantiate, +gram) carries
+        over from the name's switches; the others choose how the same FLOPs run."""
+        base, *suffixes = self.name.split("+")
+        route = [s for s in suffixes if ENGINE_SWITCHES.get(s, ("",))[0] == "strategy"]
+        model, autocast, num_samples, chunk_bytes, strategy = self._counting_args
+        return Mode("+".join([base, *route]), model, None, autocast, num_samples, chunk_bytes, compile=False,
+                    strategy=strategy, cuda_graphs=False, triton_kernels=False)
 
     def begin(self) -> None:
         self.model.zero_grad(set_to_none=True)
@@ -601,6 +618,7 @@ def measure(modes: list[Mode], batch: Batch, device: str, repeats: int, warmup: 
             gc.collect()
             peaks[mode.name].append(_memory(mode, batch, device))
     memory = {name: sorted(values)[len(values) // 2] for name, values in peaks.items()}
+    flops = {mode.name: _counted_flops(mode, batch, device) for mode in modes}
     base_t = statistics.median(times[BASE])
     base_m = memory[BASE][0]
     results = {}
@@ -619,9 +637,30 @@ def measure(modes: list[Mode], batch: Batch, device: str, repeats: int, warmup: 
             "host_median_s": statistics.median(host[mode.name]),
             "peak_mib": memory[mode.name][0],
             "peak_ratio_vs_reinforce": memory[mode.name][0] / base_m,
+            "gflop": None if flops[mode.name] is None else flops[mode.name] / 1e9,
+            "flop_ratio_vs_reinforce": None if None in (flops[mode.name], flops[BASE])
+            else flops[mode.name] / flops[BASE],
             "_step_mib": memory[mode.name][1],
         }
     return results
+
+
+def _counted_flops(mode: Mode, batch: Batch, device: str) -> int | None:
+    """The FLOPs of one untimed step of ``mode``'s counting twin (``bench.flops``): the floor that its time
+    ratio is read against. None, with a warning, where that step fails (the eager twin of a mode that only
+    fit the device with its CUDA graphs, say): the timings stand without it."""
+    twin = mode.counting_twin()
+    twin.begin()
+    try:
+        return count_flops(lambda: twin.step(batch))
+    except Exception as e:  # noqa: BLE001 - the count is an addition to the measurement, not part of it
+        _log(f"overhead: could not count the FLOPs of mode {mode.name} ({type(e).__name__}); reported as none")
+        return None
+    finally:
+        twin.end()
+        if device == "cuda":
+            mode.model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
 
 
 def _median_ci(values: list[float]) -> list[float] | None:
@@ -752,14 +791,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    header = ("mode", "median_s", "min_s", "max_s", "host_s", "ratio", "paired", "paired_95%CI", "peak_MiB",
-              "peak_ratio", "step_MiB")
+    header = ("mode", "median_s", "min_s", "max_s", "host_s", "ratio", "paired", "paired_95%CI", "flop_ratio",
+              "peak_MiB", "peak_ratio", "step_MiB")
     rows = [header]
     for mode, r in results.items():
         rows.append((mode, f"{r['median_s']:.4f}", f"{r['min_s']:.4f}", f"{r['max_s']:.4f}",
                      f"{r['host_median_s']:.4f}", f"{r['ratio_vs_reinforce']:.3f}", f"{r['paired_ratio_median']:.3f}",
-                     _format_ci(r.get("paired_ratio_ci95")), f"{r['peak_mib']:.1f}",
-                     f"{r['peak_ratio_vs_reinforce']:.3f}",
+                     _format_ci(r.get("paired_ratio_ci95")), _format_ratio(r["flop_ratio_vs_reinforce"]),
+                     f"{r['peak_mib']:.1f}", f"{r['peak_ratio_vs_reinforce']:.3f}",
                      f"{r.get('_step_mib', float('nan')):.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
@@ -768,12 +807,17 @@ def format_table(results: dict[str, dict]) -> str:
     )
 
 
+def _format_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.3f}"
+
+
 def _format_ci(ci: list[float] | None) -> str:
     return "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
 def format_scaling(modes: list[str], key: str, fixed: str, values: list[tuple[int, dict | None]]) -> str:
-    """One sweep: a row per value, reinforce's median seconds, then each mode's time ratio (memory ratio)."""
+    """One sweep: a row per value, reinforce's median seconds, then each mode's time ratio (memory ratio,
+    FLOP ratio)."""
     header = (key, f"{BASE}_s") + tuple(m for m in modes if m != BASE)
     rows = [header]
     for v, res in values:
@@ -782,8 +826,8 @@ def format_scaling(modes: list[str], key: str, fixed: str, values: list[tuple[in
         cells = [str(v), f"{res[BASE]['median_s']:.4f}"]
         for m in modes:
             if m != BASE:
-                cells.append(f"{res[m]['ratio_vs_reinforce']:.3f}x (mem {res[m]['peak_ratio_vs_reinforce']:.2f})"
-                             if m in res else "failed")
+                cells.append(f"{res[m]['ratio_vs_reinforce']:.3f}x (mem {res[m]['peak_ratio_vs_reinforce']:.2f}, "
+                             f"flops {_format_ratio(res[m]['flop_ratio_vs_reinforce'])})" if m in res else "failed")
         rows.append(tuple(cells))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [fixed]
@@ -894,7 +938,8 @@ def run_scaling(opts: Options) -> int:
         write_json(path, doc)  # after every point, so a long sweep keeps what it has
     print(f"{doc['device']}, {opts.model}, dtype {opts.dtype}, autocast {opts.autocast}, "
           f"{config['threads']} thread(s), optimizer {config['optimizer']}, K={opts.num_samples}, "
-          f"median of {opts.repeats}{_heap_note(opts)}; ratio of median step time to {BASE} (peak-memory ratio)")
+          f"median of {opts.repeats}{_heap_note(opts)}; ratio of median step time to {BASE} (peak-memory ratio, "
+          f"FLOP ratio)")
     print(format_scaling(opts.modes, "T", f"T sweep at B={opts.batch}",
                          [(t, measured.get((opts.batch, t))) for t in opts.scaling_t]))
     print(format_scaling(opts.modes, "B", f"B sweep at T={opts.seq_len}",

@@ -171,6 +171,16 @@ def test_overhead_table_derives_missing_ratios():
     assert table.loc["isopo_ni_hooks", "mem_ratio"] == pytest.approx(1.8)
     assert set(table["device"]) == {"cpu"} and set(table["date"]) == {"2025-06-01"}
     assert table["paired_lo"].isna().all()  # a file without the CI
+    assert table["flop_ratio"].isna().all()  # nor the counted FLOPs
+
+
+def test_overhead_table_reads_or_derives_the_flop_ratio():
+    doc = overhead_doc("cpu", 1.07)
+    doc["results"]["reinforce"]["gflop"] = 200.0
+    doc["results"]["isopo_ni"].update(gflop=210.0, flop_ratio_vs_reinforce=1.05)
+    doc["results"]["isopo_ni_hooks"]["gflop"] = 300.0  # no ratio written: derived from reinforce's count
+    table = overhead_table([{**doc, "source": "x.json"}]).set_index("mode")
+    assert table["flop_ratio"].tolist() == pytest.approx([1.0, 1.05, 1.5])
 
 
 def test_overhead_table_and_plot_show_the_paired_ratio_ci():

@@ -30,7 +30,7 @@ CONFIG_KEYS = {"model", "batch", "seq_len", "dtype", "autocast", "threads", "mal
                "torch_version"}
 RESULT_KEYS = {"median_s", "min_s", "max_s", "ratio_vs_reinforce", "paired_ratio_median", "paired_ratio_ci95",
                "host_median_s", "peak_mib",
-               "peak_ratio_vs_reinforce"}
+               "peak_ratio_vs_reinforce", "gflop", "flop_ratio_vs_reinforce"}
 
 
 @pytest.fixture
@@ -49,8 +49,11 @@ def check_results(results: dict, modes) -> None:
         assert 0 < r["host_median_s"] <= r["median_s"], mode  # issuing the step cannot outlast the step
         ci = r["paired_ratio_ci95"]
         assert ci is None or ci[0] <= r["paired_ratio_median"] <= ci[1], mode
+        # ISOPO's statistics only add matmuls to REINFORCE's (its G replaces the weight gradient at equal cost).
+        assert r["gflop"] > 0 and r["flop_ratio_vs_reinforce"] >= 1.0, mode
     assert results["reinforce"]["ratio_vs_reinforce"] == 1.0 and results["reinforce"]["paired_ratio_median"] == 1.0
     assert results["reinforce"]["peak_ratio_vs_reinforce"] == 1.0
+    assert results["reinforce"]["flop_ratio_vs_reinforce"] == 1.0
 
 
 def test_paired_ratio_ci_is_a_json_pair_or_none():
