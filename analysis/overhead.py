@@ -22,7 +22,7 @@ def overhead_table(docs: list[dict]) -> pd.DataFrame:
     ``host_s`` is the median time until the host had issued the step (NaN in files from before it was
     measured): on CUDA, host_s close to median_s means launching kernels, not running them, set the pace.
     ``paired_lo`` / ``paired_hi``: the paired ratio's 95 % CI (NaN in older files and below 6 rounds).
-    ``flop_ratio``: the step's counted FLOPs over reinforce's (``bench.flops``), the floor of time_ratio.
+    ``flop_ratio``: the step's counted FLOPs over reinforce's (``bench.flops``); on a CPU, time_ratio's floor.
     A ratio missing from the JSON is recomputed from the file's reinforce entry (NaN without one).
     ``group`` labels one device/config (one file) for grouping bars.
     """
@@ -87,8 +87,7 @@ def _ratios(res: dict, results: dict) -> dict:
         "time_ratio": _ratio(res, base, "ratio_vs_reinforce", "median_s"),
         # Median of per-round ratios; absent from files written before it existed.
         "paired_ratio": float(res.get("paired_ratio_median", np.nan)),
-        # The step's counted FLOPs over reinforce's: the floor the time ratio is read against (NaN in files
-        # from before it was counted).
+        # The step's counted FLOPs over reinforce's (NaN in files from before it was counted).
         "flop_ratio": _ratio(res, base, "flop_ratio_vs_reinforce", "gflop"),
         "mem_ratio": _ratio(res, base, "peak_ratio_vs_reinforce", "peak_mib"),
     }

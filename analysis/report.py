@@ -212,7 +212,8 @@ def _render(sweep_dir, metrics, runs, config, tables, figures, tex_missing, marg
                 "step; on a GPU, close to median_s means the host's kernel launches set the pace) and peak "
                 "memory (MiB), with ratios to reinforce measured in the same file; paired_lo/paired_hi bound "
                 "the paired ratio (median of the rounds' own ratios) with 95 % confidence; flop_ratio is the "
-                "step's counted FLOPs over reinforce's, the floor that no kernel can take the time ratio under.")
+                "step's counted FLOPs over reinforce's (on a CPU, where the matmuls set the pace, the floor of "
+                "time_ratio; on a GPU, the arithmetic a mode adds).")
         figure("overhead", "Time and peak memory relative to reinforce (dashed line: parity)")
     if "overhead_scaling" in tables:
         section("Overhead scaling", "overhead_scaling",

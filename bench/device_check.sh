@@ -31,6 +31,9 @@
 #      256..4096 at B=4; SCALING_B at T=SCALING_AT_T, default 4..32 at T=512: B=8 × T=4096 runs REINFORCE
 #      itself out of an 80 GB card; 3 timed rounds) with SCALING_FLAGS (default none; e.g. --no-cuda-graphs),
 #      stopped after SCALING_TIMEOUT s (180); its JSON is rewritten after every point, so it keeps what it has.
+# Every overhead run also counts each mode's FLOPs in one eager, torch-path step after its timed rounds
+# (`gflop`, `flop_ratio_vs_reinforce` in the JSON; ~25 such steps in steps 2-3, not yet timed on a GPU: an
+# estimated ~30 s in all, which steps 5-7 give up through the budget below).
 # Steps 5-7 are also stopped when the call has run BUDGET_S seconds (560), so that it ends inside the lent
 # machine's 600 s per command with every file written; machine.txt ends with the call's seconds.
 # Usage, from the repository root: bash bench/device_check.sh [OUT]   (default OUT: results/overhead/cuda)

@@ -1,9 +1,10 @@
 """The floating-point operations of one update step, counted by ``torch.utils.flop_counter``.
 
-The issue's floors are counted in FLOPs: ISOPO's per-sequence gradients replace the weight-gradient matmul at
-equal cost, and only its statistics (the overlap's K sampled tokens, the B × B NTK, the weighted sum) add work.
-Counting the FLOPs that each mode's step really issues turns that floor into a number measured beside the
-times: a mode whose time ratio sits at its FLOP ratio has nothing left to gain but FLOPs.
+ISOPO's overhead has a floor counted in FLOPs: its per-sequence gradients replace the weight-gradient matmul
+at equal cost, and only its statistics (the overlap's K sampled tokens, the B × B NTK, the weighted sum) and,
+where a layer's G is formed in blocks, a second weight-gradient matmul add work. Counting the FLOPs that each
+mode's step really issues turns that floor into a number measured beside the times: on a CPU, where the
+matmuls set the pace, a mode whose time ratio sits at its FLOP ratio has nothing left to gain but FLOPs.
 
 PyTorch's counter covers the matmuls (mm, bmm, addmm, baddbmm, convolutions) and the fused attention
 kernels; elementwise work and reductions count nothing, which is what a floor should leave out. Two gaps of
