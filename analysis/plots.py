@@ -85,7 +85,8 @@ def mode_color(mode: str, colors: dict[str, str]) -> str:
 
 def plot_overhead(table: pd.DataFrame, colors: dict[str, str]) -> Figure | None:
     """Time and peak-memory ratios vs reinforce: one bar group per device/config, one bar per mode; over a
-    time bar, where the file has it, the paired ratio with its 95 % CI (dot and whiskers)."""
+    time bar, where the file has them, the paired ratio with its 95 % CI (dot and whiskers) and the counted
+    FLOP ratio (a red tick across the bar)."""
     if table.empty:
         return None
     groups = list(dict.fromkeys(table["group"]))
@@ -109,12 +110,15 @@ def plot_overhead(table: pd.DataFrame, colors: dict[str, str]) -> Figure | None:
                     ax.errorbar(x, row.paired_ratio, yerr=[[row.paired_ratio - row.paired_lo],
                                                            [row.paired_hi - row.paired_ratio]],
                                 fmt="o", color="black", ms=2.5, lw=1, capsize=2)
+                if col == "time_ratio" and np.isfinite(row.flop_ratio):
+                    ax.hlines(row.flop_ratio, x - width / 2, x + width / 2, color="tab:red", lw=1.5)
         ax.axhline(1.0, color="black", ls="--", lw=1)
         ax.set_xticks(np.arange(len(groups)), [g.replace(" (", "\n(") for g in groups], fontsize="small")
         ax.set_ylabel(f"{label} / reinforce (ratio)")
         ax.set_title(label.capitalize())
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle("Overhead relative to reinforce (dashed line: parity; whiskers: paired ratio, 95 % CI)")
+    fig.suptitle("Overhead relative to reinforce\n(dashed line: parity; whiskers: paired ratio, 95 % CI; "
+                 "red tick: counted FLOPs)", fontsize="medium")
     axes[1].legend(fontsize="small", title="mode", title_fontsize="small", loc="center left",
                    bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.collections import LineCollection
 from matplotlib.container import ErrorbarContainer
 
 from analysis import ResultsError
@@ -179,8 +180,12 @@ def test_overhead_table_reads_or_derives_the_flop_ratio():
     doc["results"]["reinforce"]["gflop"] = 200.0
     doc["results"]["isopo_ni"].update(gflop=210.0, flop_ratio_vs_reinforce=1.05)
     doc["results"]["isopo_ni_hooks"]["gflop"] = 300.0  # no ratio written: derived from reinforce's count
-    table = overhead_table([{**doc, "source": "x.json"}]).set_index("mode")
+    table = overhead_table([{**doc, "source": "x.json"}])
     assert table["flop_ratio"].tolist() == pytest.approx([1.0, 1.05, 1.5])
+    fig = plot_overhead(table, algorithm_colors(table["mode"].str.removesuffix("_hooks")))
+    ticks = [c for c in fig.axes[0].collections if isinstance(c, LineCollection)]
+    assert [seg[0][1] for c in ticks for seg in c.get_segments()] == pytest.approx([1.0, 1.05, 1.5])
+    assert not [c for c in fig.axes[1].collections if isinstance(c, LineCollection)]  # time panel only
 
 
 def test_overhead_table_and_plot_show_the_paired_ratio_ci():
