@@ -5,6 +5,7 @@ that ``choose_strategy`` picks routes by."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -52,6 +53,22 @@ def test_the_counting_twin_keeps_the_statistics_route_and_nothing_else():
     assert twin.name == "isopo_int+gram" and twin.kernel_settings == {} and twin.optimizer is None
     cfg = twin.engine.cfg
     assert (cfg.strategy, cfg.cuda_graphs, cfg.triton_kernels, cfg.compile) == ("gram", False, False, False)
+
+
+def test_the_twin_counts_what_the_mode_itself_runs_where_both_take_the_torch_path():
+    """On a CPU every mode runs the torch path (graphs and Triton kernels are for CUDA tensors): counting the
+    mode's own step and its twin's gives the same number."""
+    opts = overhead.validate(overhead.Options(model="tiny", batch=2, seq_len=16, num_samples=8,
+                                              modes=["reinforce", "isopo_ni:paper+eager", "isopo_int+triton"]))
+    model, vocab = overhead.build(opts, 16)
+    batch = overhead.make_batch(2, 16, vocab, "cpu", lm_head="response")
+    for mode in overhead.make_modes(opts, model):
+        mode.begin()
+        try:
+            own = count_flops(partial(mode.step, batch))
+        finally:
+            mode.end()
+        assert own == overhead._counted_flops(mode, batch, "cpu") > 0, mode.name
 
 
 def test_isopo_adds_exactly_the_statistics_that_choose_strategy_prices():
