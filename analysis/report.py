@@ -219,6 +219,7 @@ def _render(sweep_dir, metrics, runs, config, tables, figures, tex_missing, marg
         section("Overhead scaling", "overhead_scaling",
                 "From `python -m bench overhead --scaling` files: per point (B sequences of T tokens) and mode, "
                 "the median seconds per update and its ratios to reinforce at the same point (time, paired "
-                "time, counted FLOPs, peak memory). The T sweep holds B at fixed_batch, the B sweep holds T at fixed_seq_len.")
+                "time, counted FLOPs, peak memory). The T sweep holds B at fixed_batch, the B sweep holds T at "
+                "fixed_seq_len.")
         figure("overhead_scaling", "Time per update relative to reinforce as T and B grow (dashed line: parity)")
     return "\n".join(out).rstrip() + "\n"

@@ -33,10 +33,11 @@ more untimed step (``gflop``, ``flop_ratio``; ``bench.flops``: the matmuls and a
 issues, on the torch path, whose arithmetic the CUDA graphs and Triton kernels share). On a CPU, whose step
 is paced by its matmuls, the FLOP ratio is the time ratio's floor: a target under it cannot be met by faster
 code. On a GPU the reference step also waits on memory-bound work, so added matmuls can cost less than their
-share of the FLOPs; there the ratio says how much arithmetic a mode adds, not how long it must take. On CPU the heap policy
-(``--malloc``) defaults to ``retain``: glibc keeps freed blocks instead of unmapping them, as PyTorch's
-caching allocator does on CUDA, so no mode pays page faults for temporaries it already had last step;
-``system`` measures with glibc's defaults. Either way it applies to every mode alike and is recorded.
+share of the FLOPs; there the ratio says how much arithmetic a mode adds, not how long it must take.
+
+On CPU the heap policy (``--malloc``) defaults to ``retain``: glibc keeps freed blocks instead of unmapping
+them, as PyTorch's caching allocator does on CUDA, so no mode pays page faults for temporaries it already had
+last step; ``system`` measures with glibc's defaults. Either way it applies to every mode alike and is recorded.
 
 Peak memory is measured in extra, untimed steps after the timed rounds: one per mode on CUDA, three
 interleaved rounds on CPU (the median is reported):
@@ -648,8 +649,9 @@ def measure(modes: list[Mode], batch: Batch, device: str, repeats: int, warmup: 
 
 
 def _counted_flops(mode: Mode, batch: Batch, device: str) -> int | None:
-    """The FLOPs of one untimed step of ``mode``'s counting twin (``bench.flops``). None, with a warning, where that step fails (the eager twin of a mode that only
-    fit the device with its CUDA graphs, say): the timings stand without it."""
+    """The FLOPs of one untimed step of ``mode``'s counting twin (``bench.flops``). None, with a warning,
+    where that step fails (the eager twin of a mode that only fit the device with its CUDA graphs, say): the
+    timings stand without it."""
     twin = mode.counting_twin()
     twin.begin()
     try:
