@@ -130,7 +130,8 @@ LINESTYLES = ("-", "--", ":", "-.")
 
 def plot_scaling(table: pd.DataFrame, colors: dict[str, str]) -> Figure | None:
     """Time ratio vs reinforce as T grows (at the sweep's B) and as B grows (at its T): one line per mode,
-    one line style per scaling file."""
+    one line style per scaling file; where the file has them, the counted FLOP ratios as a faint line of
+    crosses in the mode's colour."""
     table = table[table["mode"] != "reinforce"]
     if table.empty:
         return None
@@ -150,8 +151,10 @@ def plot_scaling(table: pd.DataFrame, colors: dict[str, str]) -> Figure | None:
                 if line.empty:
                     continue
                 label = mode if len(groups) == 1 else f"{mode}, {group}"
-                ax.plot(line[x_col], line["time_ratio"], marker="o", color=mode_color(mode, colors),
-                        ls=LINESTYLES[gi % len(LINESTYLES)], label=label)
+                style = {"color": mode_color(mode, colors), "ls": LINESTYLES[gi % len(LINESTYLES)]}
+                ax.plot(line[x_col], line["time_ratio"], marker="o", label=label, **style)
+                if line["flop_ratio"].notna().any():
+                    ax.plot(line[x_col], line["flop_ratio"], marker="x", ms=4, lw=0.8, alpha=0.6, **style)
         ax.axhline(1.0, color="black", ls="--", lw=1)
         ax.set_xscale("log", base=2)
         if x_values:
@@ -164,7 +167,7 @@ def plot_scaling(table: pd.DataFrame, colors: dict[str, str]) -> Figure | None:
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("time per update / reinforce (ratio)")
     axes[1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("How the overhead grows (dashed line: parity)")
+    fig.suptitle("How the overhead grows (dashed line: parity; faint crosses: counted FLOPs)")
     fig.tight_layout()
     return fig
 

@@ -19,7 +19,7 @@ from analysis.__main__ import main
 from analysis.load import METRIC_COLUMNS, config_facts, load_overhead, load_sweep
 from analysis.overhead import overhead_table, scaling_table
 from analysis.palette import algorithm_colors
-from analysis.plots import plot_overhead
+from analysis.plots import plot_overhead, plot_scaling
 from analysis.report import write_report
 from analysis.stats import run_accuracy
 from analysis.synthetic import runs_from_metrics, synthetic_metrics, write_sweep
@@ -289,6 +289,22 @@ def test_scaling_table_has_a_row_per_point_and_mode_and_skips_single_files():
     b_sweep = table[(table["mode"] == "isopo_int") & (table["seq_len"] == table["fixed_seq_len"])]
     assert sorted(b_sweep["batch"]) == [4, 8]
     assert (table.loc[table["mode"] == "reinforce", "time_ratio"] == 1.0).all()
+    assert table["flop_ratio"].isna().all()  # a file from before the FLOPs were counted
+
+
+def test_scaling_plot_draws_the_counted_flop_ratio_beside_the_time_ratio():
+    doc = scaling_doc("cpu")
+    for point in doc["points"]:
+        point["results"]["reinforce"]["gflop"] = 100.0
+        point["results"]["isopo_int"]["gflop"] = 100.0 + point["seq_len"] / 1024
+    table = scaling_table([{**doc, "source": "scaling.json"}])
+    t_sweep = table[(table["mode"] == "isopo_int") & (table["batch"] == 8)].sort_values("seq_len")
+    assert t_sweep["flop_ratio"].tolist() == pytest.approx([1.0025, 1.005, 1.01])
+    fig = plot_scaling(table, algorithm_colors(table["mode"]))
+    crosses = [line for line in fig.axes[0].lines if line.get_marker() == "x"]
+    assert len(crosses) == 1 and crosses[0].get_ydata().tolist() == pytest.approx([1.0025, 1.005, 1.01])
+    (b_crosses,) = [line for line in fig.axes[1].lines if line.get_marker() == "x"]
+    assert b_crosses.get_ydata().tolist() == pytest.approx([1.01, 1.01])  # T = 1024 at B = 4 and 8
 
 
 def test_bad_overhead_json(tmp_path):
