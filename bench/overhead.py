@@ -660,10 +660,7 @@ def _counted_flops(mode: Mode, batch: Batch, device: str) -> int | None:
         _log(f"overhead: could not count the FLOPs of mode {mode.name} ({type(e).__name__}); reported as none")
         return None
     finally:
-        twin.end()
-        if device == "cuda":
-            mode.model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+        _free_device_memory([twin], device)
 
 
 def _median_ci(values: list[float]) -> list[float] | None:
