@@ -7,8 +7,11 @@ typo cannot silently start a download (or hang on a machine without internet).
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -193,11 +196,11 @@ def cache_root() -> Path:
 def gguf_converted(gguf: Path) -> Path:
     """A folder holding the GGUF file's model (dequantised, float32 safetensors) and tokenizer, converted
     once and kept under ``cache_root()``: transformers' GGUF reader takes ~25 s per load on a 2-core CPU
-    (most of it parsing metadata), a safetensors folder about one. The folder is keyed by the file's name,
-    size and modification time and appears atomically (built aside, then renamed), so concurrent runs at
-    worst convert twice and never read half a folder."""
-    stat = gguf.stat()
-    target = cache_root() / "gguf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    (most of it parsing metadata), a safetensors folder about one. The folder is keyed by the file's name
+    and content (a digest, not the modification time: every fresh install of the package would otherwise
+    leave another 0.5 GB folder behind) and appears atomically (built aside, then renamed), so concurrent
+    runs at worst convert twice and never read half a folder."""
+    target = cache_root() / "gguf" / f"{gguf.stem}-{_content_digest(gguf)}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +218,29 @@ def gguf_converted(gguf: Path) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    remove_mtime_keyed_conversions(target.parent, gguf.stem)
     return target
+
+
+def remove_mtime_keyed_conversions(folder: Path, stem: str) -> list[Path]:
+    """Folders named by the earlier key (name, size, modification time) are never read again, and each holds
+    ~0.5 GB: a new conversion removes those of its own file name."""
+    stale = [p for p in folder.iterdir() if re.fullmatch(re.escape(stem) + r"-\d+-\d+", p.name) and p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _content_digest(path: Path) -> str:
+    stat = path.stat()
+    return _digest_of(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: Path, size: int, mtime_ns: int) -> str:
+    """The first 16 hex digits of the file's SHA-256 (~0.1 s per 100 MB); size and mtime only key the memo."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def find_smollm2_gguf() -> Path | None:

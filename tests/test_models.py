@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -116,7 +119,7 @@ def test_smollm2_gguf_generates_like_transformers():
 
 
 @pytest.mark.slow
-def test_gguf_conversion_is_cached_and_loads_the_same_weights():
+def test_gguf_conversion_is_cached_and_loads_the_same_weights(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench.models import cache_root, gguf_converted
@@ -129,6 +132,11 @@ def test_gguf_conversion_is_cached_and_loads_the_same_weights():
     stamp = (folder / "config.json").stat().st_mtime_ns
     cached = load_model(path, dtype=torch.float32)
     assert gguf_converted(path) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    # A reinstall writes the same bytes with a new modification time: the conversion is found, not redone.
+    reinstalled = tmp_path / path.name
+    shutil.copyfile(path, reinstalled)
+    os.utime(reinstalled, ns=(stamp + 10**9, stamp + 10**9))
+    assert gguf_converted(reinstalled) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
     direct = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                   local_files_only=True)
     theirs = direct.state_dict()
@@ -137,3 +145,30 @@ def test_gguf_conversion_is_cached_and_loads_the_same_weights():
     direct_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     text = "<|im_start|>user\nWhat is 7*8? Answer: 56.<|im_end|>"
     assert load_tokenizer(path).encode(text) == direct_tok.encode(text)
+
+
+def test_the_gguf_cache_key_follows_the_content_not_the_modification_time(tmp_path):
+    from bench.models import _content_digest
+
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    b.write_bytes(a.read_bytes())
+    os.utime(b, ns=(1, 1))
+    assert _content_digest(a) == _content_digest(b)
+    b.write_bytes(a.read_bytes()[:-1] + b"x")  # same size, one byte changed
+    os.utime(b, ns=(2, 2))
+    assert _content_digest(a) != _content_digest(b)
+
+
+def test_a_new_conversion_removes_the_folders_of_the_earlier_mtime_key(tmp_path):
+    from bench.models import remove_mtime_keyed_conversions
+
+    stem = "SmolLM2-135M-Instruct.Q4_1"
+    names = [f"{stem}-98362432-1796618518142902438", f"{stem}-b179c9523d0e6a0f", f"Other-{stem}-1-2",
+             f".{stem}-b179c9523d0e6a0f.tmp123", f"{stem}.extra-1-2"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    removed = remove_mtime_keyed_conversions(tmp_path, stem)
+    assert [p.name for p in removed] == names[:1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
