@@ -246,7 +246,7 @@ def format_table(result: dict) -> str:
 
 def run(opts: Options) -> int:
     validate(opts)
-    from .overhead import device_name, set_malloc_policy
+    from .machine import device_name, set_malloc_policy
 
     heap = ""
     # On a CPU, the overhead command's default heap: without it each call's fresh G is mmap'd and

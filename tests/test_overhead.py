@@ -18,8 +18,8 @@ from isopo_fixtures import make_batch, masked_sum, tiny_qwen3, token_log_probs
 from algorithms.isopo import Isopo, IsopoConfig
 from bench.__main__ import main
 from bench.hooks_baseline import HooksIsopo
-from bench.overhead import MODES, SCALING_MODES, Mode, Options, PeakRss, _median_ci, build, set_malloc_policy
-from bench.overhead import _heap as overhead_heap
+from bench.machine import PeakRss, malloc_policy, set_malloc_policy
+from bench.overhead import MODES, SCALING_MODES, Mode, Options, _median_ci, build
 from bench.overhead import make_batch as overhead_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,7 +240,7 @@ def test_cuda_without_cuda_is_a_clear_error(capsys):
 
 def test_peak_rss_counts_a_temporary_that_lives_for_microseconds():
     """The CPU memory step reads the kernel's high-water mark where it can: exact, however short the peak."""
-    previous = overhead_heap["policy"]
+    previous = malloc_policy()
     set_malloc_policy("measure")  # large blocks mmap'd: freeing one really lowers the RSS again
     try:
         with PeakRss() as rss:
