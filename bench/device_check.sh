@@ -43,8 +43,8 @@
 # three plain modes). On an H200 the whole call took 393 s at d2fd120 (2026-11-27, session 14, with BUDGET_S=530;
 # the runs added since, three more modes in step 3 and the whole-G run, take ~70 s more), plus ~30–60 s to start
 # the machine; a CPU dry run (DEVICE=cpu MODEL=tiny REPEATS=2 BUDGET_S=150 PYTHON=.venv/bin/python) took 379 s at
-# 9045017 (2026-12-07; step 1's 107 tests under Triton's interpreter 238 s of it), with 6 files: steps 5-7 had no
-# budget left, so it exits 1 there.
+# 9045017 (2026-12-07; step 1's 107 tests under Triton's interpreter 238 s of it), 7 files: steps 5-7 had no
+# budget left (layer-costs.txt empty), so it exits 1 there.
 set -uo pipefail
 out="${1:-results/overhead/cuda}"
 device="${DEVICE:-cuda}"
