@@ -251,7 +251,6 @@ def validate(opts: Options) -> Options:
     return opts
 
 
-# -- environment -----------------------------------------------------------------------------------------
 # -- the update step of each mode ------------------------------------------------------------------------
 @dataclass
 class Batch:
